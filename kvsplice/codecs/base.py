@@ -1,0 +1,164 @@
+"""The codec contract and the registry by name.
+
+A codec maps vectors of dimension D (the last axis) to a compressed payload and back:
+
+    fit(x)          x: (N, D) calibration vectors            -> self
+    compress(x)     x: (..., D)                              -> latents (..., k)
+    decompress(z)   z: (..., k)                              -> (..., D), x's dtype
+    encode(x)       x: (..., D) -> dict of tensors, each shaped (..., *) : what a cache stores
+    decode(p)       the inverse of encode
+
+`encode`/`decode` default to {"z": compress(x)}; quantising codecs override them to return
+integer codes plus scales. A cache concatenates every payload entry along the token axis and
+counts `nbytes` of exactly those tensors, so memory accounting is whatever the codec stores.
+
+State is a flat dict of named tensors plus a dict of string metadata; `Codec.from_state`
+rebuilds the codec (class chosen by the metadata's "codec" entry) without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from kvsplice.errors import CodecError
+
+CODECS: dict[str, type["Codec"]] = {}
+
+
+def register(cls: type["Codec"]) -> type["Codec"]:
+    """Class decorator: make a codec constructible by its `name` (CLI, ablation, geometry files)."""
+    if cls.name in CODECS and CODECS[cls.name] is not cls:
+        raise CodecError(f"codec name {cls.name!r} registered twice")
+    CODECS[cls.name] = cls
+    return cls
+
+
+def get_codec(name: str, **params: Any) -> "Codec":
+    """Build an unfitted codec by registry name."""
+    _load_builtin_codecs()
+    if name not in CODECS:
+        raise CodecError(f"unknown codec {name!r}; expected one of {sorted(CODECS)}")
+    return CODECS[name](**params)
+
+
+def codec_names() -> list[str]:
+    _load_builtin_codecs()
+    return sorted(CODECS)
+
+
+def _load_builtin_codecs() -> None:
+    # Importing the package registers every built-in codec; deferred to avoid import cycles.
+    import kvsplice.codecs  # noqa: F401
+
+
+class Codec(ABC):
+    """Base class. Subclasses set `name`, implement the abstract methods, and keep their
+    constructor parameters in `self.params` (JSON-serialisable) so they round-trip through files."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, **params: Any) -> None:
+        self.params: dict[str, Any] = dict(params)
+        self.dim: int | None = None  # D, set by fit / load
+        self.info: dict[str, Any] = {}  # fit diagnostics (MSEs, decisions), saved as metadata
+
+    # -- contract ---------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, x: torch.Tensor) -> "Codec":
+        """Fit on calibration vectors x of shape (N, D). Returns self."""
+
+    @abstractmethod
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> latents (..., k)."""
+
+    @abstractmethod
+    def decompress(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., k) -> (..., D)."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors that, with `metadata()`, fully determine the fitted codec."""
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `state_tensors` (dim and info already restored)."""
+
+    @property
+    @abstractmethod
+    def latent_dim(self) -> int:
+        """k: the number of latent values stored per vector."""
+
+    # -- payload used by caches ---------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(..., D) -> payload dict; every tensor shares x's leading dims."""
+        return {"z": self.compress(x)}
+
+    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.decompress(payload["z"])
+
+    def payload_bytes_per_vector(self, dtype: torch.dtype = torch.float32) -> float:
+        """Bytes the payload of one vector occupies when the cache runs in `dtype`."""
+        return self.latent_dim * torch.empty((), dtype=dtype).element_size()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Codec":
+        """Move fitted tensors (floating ones cast to dtype when given)."""
+        moved = {}
+        for k, t in self.state_tensors().items():
+            moved[k] = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else None)
+        self.load_state_tensors(moved)
+        return self
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        return {
+            "codec": self.name,
+            "params": json.dumps(self.params, sort_keys=True),
+            "dim": str(self.dim),
+            "latent_dim": str(self.latent_dim),
+            "info": json.dumps(self.info, sort_keys=True),
+        }
+
+    @staticmethod
+    def from_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "Codec":
+        """Rebuild a fitted codec from `state_tensors()` and `metadata()`."""
+        try:
+            codec = get_codec(metadata["codec"], **json.loads(metadata["params"]))
+            codec.dim = int(metadata["dim"])
+            codec.info = json.loads(metadata.get("info", "{}"))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CodecError(f"codec metadata is incomplete or malformed: {e}") from e
+        codec.load_state_tensors(tensors)
+        if codec.latent_dim != int(metadata["latent_dim"]):
+            raise CodecError(
+                f"codec latent_dim mismatch: metadata says {metadata['latent_dim']}, tensors give {codec.latent_dim}"
+            )
+        return codec
+
+    # -- shared input checks ----------------------------------------------------------------------
+    def _check_fit_input(self, x: torch.Tensor, min_rows: int = 2) -> torch.Tensor:
+        """Validate calibration data (N, D); returns it as float32 (fits always run in float32+)."""
+        if not isinstance(x, torch.Tensor):
+            raise CodecError(f"{self.name}.fit expects a torch.Tensor of shape (N, D), got {type(x).__name__}")
+        if x.ndim != 2:
+            raise CodecError(f"{self.name}.fit expects shape (N, D), got {tuple(x.shape)}")
+        if x.shape[0] < min_rows:
+            raise CodecError(f"{self.name}.fit needs at least {min_rows} vectors, got N={x.shape[0]}")
+        if not x.is_floating_point():
+            raise CodecError(f"{self.name}.fit expects floating-point vectors, got dtype {x.dtype}")
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise CodecError(f"{self.name}.fit: calibration data has {bad} non-finite values (NaN/inf) of {x.numel()}")
+        return x.float()
+
+    def _check_vectors(self, x: torch.Tensor, width: int, what: str) -> None:
+        if self.dim is None:
+            raise CodecError(f"{self.name} codec is not fitted; call fit() or load a geometry file first")
+        if x.shape[-1] != width:
+            raise CodecError(f"{self.name}.{what} expects last dimension {width}, got shape {tuple(x.shape)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, k={self.latent_dim if self.dim else '?'}, params={self.params})"

@@ -1,0 +1,17 @@
+"""Typed errors raised on bad input. Every message names what was expected and what was found."""
+
+
+class KVSpliceError(ValueError):
+    """Base class for kvsplice input errors."""
+
+
+class CodecError(KVSpliceError):
+    """Bad input to a codec (shape, rank, non-finite values, unfitted codec...)."""
+
+
+class GeometryError(KVSpliceError):
+    """A geometry file is missing, corrupted, truncated, of another version, or does not match the model."""
+
+
+class ModelError(KVSpliceError):
+    """A model architecture or checkpoint kvsplice cannot handle."""
