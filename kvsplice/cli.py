@@ -14,6 +14,10 @@ import sys
 # module path for each verb (imported lazily so `kvsplice --help` stays fast)
 COMMANDS: list[str] = [
     "kvsplice.commands.validate",
+    "kvsplice.commands.calibrate",
+    "kvsplice.commands.train",
+    "kvsplice.commands.ablate_train",
+    "kvsplice.commands.eval", "kvsplice.commands.ablate", "kvsplice.commands.generate", "kvsplice.commands.demo",
 ]
 
 

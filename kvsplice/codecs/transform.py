@@ -1,0 +1,245 @@
+"""Transform coders: compander -> (optional per-token gain) -> rotation -> water-filled uniform
+quantisation, and the exact inverse with dequantisation.
+
+    z = warp(x)                       (..., D)  per-dimension monotone compander (or identity)
+    zc = z - mean                     (..., D)
+    g = rms(zc)  (fp16, stored)       (..., 1)  only with scale="gain" ("gain-shape" coding)
+    y = (zc / g) @ R - ymean          (..., D)  R (D, D): full PCA rotation of the calibration data
+    codes_i = Q_{b_i}(y_i; clip_i)    b_i bits by reverse water-filling on var(y_i); 0 = dropped
+
+Budget: `bits` is the average number of bits per value INCLUDING the fp16 gain; the code bits
+are floor((bits * D - 16) / 8) * 8, so payload bytes = budget / 8 + 2 exactly and never exceed
+bits * D / 8. Rank truncation is the special case where the budget forces b_i = 0.
+
+Registry names (one class, different defaults):
+  "pca-q"          no warp, rotation          "spline-pca-q"  seed spline g, rotation
+  "spline-q"       seed spline g, no rotation
+  "qspline-pca-q" / "qspline-q": the seed's spline trained on this coder's quantisation error
+  "bennett-pca-q" / "bennett-q": closed-form compander for quantisation (slope ~ p^(1/3))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvsplice.codecs.base import Codec, register
+from kvsplice.codecs.companders import WARPS, make_warp
+from kvsplice.codecs.pca import fit_pca
+from kvsplice.codecs.quant import (
+    MAX_BITS,
+    check_bits_param,
+    fit_clip,
+    gaussian_clip,
+    midrise_codes,
+    midrise_values,
+    pack_codes,
+    packed_nbytes,
+    unpack_codes,
+    water_fill,
+)
+from kvsplice.errors import CodecError
+
+SCALES = ("gain", "static")
+GAIN_BITS = 16
+
+
+class TransformQ(Codec):
+    """params: bits (avg bits/value incl. side info), scale ("gain" | "static"),
+    clip ("fit": per-coefficient MSE search on calibration data | "gauss": Gaussian-optimal per
+    bit width | a number of sigmas), warp ("none" | "spline" | "qspline" | "bennett"), rotate (bool),
+    warp_params (dict passed to the warp)."""
+
+    name = "transform-q"
+    default_warp = "none"
+    default_rotate = True
+
+    def __init__(self, bits: float = 4.0, scale: str = "gain", clip: str | float = "fit", warp: str | None = None,
+                 rotate: bool | None = None, warp_params: dict | None = None) -> None:
+        bits = check_bits_param(bits, self.name)
+        warp = self.default_warp if warp is None else warp
+        rotate = self.default_rotate if rotate is None else rotate
+        if scale not in SCALES:
+            raise CodecError(f"{self.name}: scale must be one of {SCALES}, got {scale!r}")
+        if not (clip in ("fit", "gauss") or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0)):
+            raise CodecError(f"{self.name}: clip must be 'fit', 'gauss' or a positive number of sigmas, got {clip!r}")
+        if warp not in WARPS:
+            raise CodecError(f"{self.name}: warp must be one of {sorted(WARPS)}, got {warp!r}")
+        if not isinstance(rotate, bool):
+            raise CodecError(f"{self.name}: rotate must be a bool, got {rotate!r}")
+        super().__init__(bits=bits, scale=scale, clip=clip, warp=warp, rotate=rotate, warp_params=dict(warp_params or {}))
+        self.bits, self.scale, self.clip, self.rotate = bits, scale, clip, rotate
+        self.warp = make_warp(warp, **(warp_params or {}))
+        self.mean = self.rotation = self.ymean = self.alloc = self.clip_abs = None
+        self._kept: torch.Tensor | None = None
+
+    # -- geometry ------------------------------------------------------------------------------------
+    def code_bits(self, D: int) -> int:
+        """Total code bits per vector for dimension D (multiple of 8, side info subtracted)."""
+        side = GAIN_BITS if self.scale == "gain" else 0
+        budget = int(math.floor((self.bits * D - side) / 8 + 1e-9)) * 8
+        if budget <= 0:
+            raise CodecError(f"{self.name}: bits={self.bits} leaves no code bits for D={D} after {side} bits of side info")
+        return min(budget, MAX_BITS * D)
+
+    def _normalise(self, zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.scale != "gain":
+            return zc, None
+        g = zc.pow(2).mean(-1, keepdim=True).sqrt().clamp(1e-6, 65504.0).half()  # (..., 1) fp16
+        return zc / g.float(), g
+
+    def fit(self, x: torch.Tensor) -> "TransformQ":
+        x = self._check_fit_input(x, min_rows=8)
+        N, D = x.shape
+        self.code_bits(D)  # raises early when the budget is impossible
+        self.warp.fit(x, self)
+        self._fit_quantiser(self.warp.forward(x))
+        self.dim = D
+        self.info.update(self.warp.info)
+        return self
+
+    def _fit_quantiser(self, z: torch.Tensor) -> None:
+        """Mean, rotation, allocation and clips from warped calibration vectors z (N, D)."""
+        D = z.shape[1]
+        budget = self.code_bits(D)
+        self.mean = z.mean(0)
+        u, _ = self._normalise(z - self.mean)
+        self.rotation = fit_pca(u, D)[1] if self.rotate else torch.eye(D, dtype=z.dtype, device=z.device)  # (D, D)
+        y = u @ self.rotation
+        self.ymean = y.mean(0)
+        y = y - self.ymean
+        var = y.pow(2).mean(0)
+        alloc = water_fill(var, budget).to(z.device)
+        sigma = var.sqrt()
+        if self.clip == "fit":
+            clip = fit_clip(y, alloc, sigma)
+        elif self.clip == "gauss":
+            clip = gaussian_clip(alloc) * sigma
+        else:
+            clip = torch.where(alloc > 0, float(self.clip) * sigma, torch.zeros_like(sigma))
+        self.alloc, self.clip_abs, self._kept = alloc, clip, None
+        self.info = {
+            "code_bits": budget,
+            "kept_coefficients": int((alloc > 0).sum()),
+            "bits_histogram": [int((alloc == b).sum()) for b in range(MAX_BITS + 1)],
+        }
+
+    @property
+    def kept(self) -> torch.Tensor:
+        if self._kept is None or self._kept.device != self.alloc.device:
+            self._kept = torch.nonzero(self.alloc > 0).flatten()
+        return self._kept
+
+    # -- payload -------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(..., D) -> {"codes": uint8 (..., code_bits/8)} (+ "gain": fp16 (..., 1))."""
+        self._check_vectors(x, self.dim, "encode")
+        z = self.warp.forward(x.float())
+        u, g = self._normalise(z - self.mean.float())
+        y = (u @ self.rotation.float() - self.ymean.float())[..., self.kept]  # (..., k)
+        b = self.alloc[self.kept]
+        codes = midrise_codes(y, self.clip_abs[self.kept].float(), (1 << b).float())
+        out = {"codes": pack_codes(codes, b.tolist())}
+        if g is not None:
+            out["gain"] = g
+        return out
+
+    def _coefficients(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        """payload -> dequantised rotated coefficients times gain, (..., D) float32."""
+        if self.dim is None:
+            raise CodecError(f"{self.name} codec is not fitted; call fit() or load a geometry file first")
+        b = self.alloc[self.kept]
+        codes = unpack_codes(payload["codes"], b.tolist())
+        vals = midrise_values(codes, self.clip_abs[self.kept].float(), (1 << b).float())
+        y = self.ymean.float().expand(*codes.shape[:-1], self.dim).clone()
+        y[..., self.kept] += vals
+        if self.scale == "gain":
+            if "gain" not in payload:
+                raise CodecError(f"{self.name}: payload has no 'gain' entry (keys: {sorted(payload)})")
+            y = y * payload["gain"].float()
+        return y
+
+    def decode(self, payload: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """payload -> (..., D) in `dtype` (float32 unless told)."""
+        return self.decompress(self._coefficients(payload)).to(dtype)
+
+    def payload_bytes_per_vector(self, dtype: torch.dtype = torch.float32) -> float:
+        """Exact: packed codes (+ 2 bytes of fp16 gain); independent of the cache dtype."""
+        return float(packed_nbytes(self.alloc.tolist()) + (2 if self.scale == "gain" else 0))
+
+    # -- latent view: dequantised coefficients in the rotated domain (gain applied) -------------------
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        return self._coefficients(self.encode(x)).to(x.dtype)
+
+    def decompress(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_vectors(z, self.dim, "decompress")
+        zc = z.float() @ self.rotation.float().T
+        return self.warp.inverse(zc + self.mean.float()).to(z.dtype)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"mean": self.mean, "rotation": self.rotation, "ymean": self.ymean, "alloc": self.alloc, "clip": self.clip_abs}
+        out.update({f"warp.{k}": v for k, v in self.warp.state_tensors().items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            self.mean, self.rotation, self.ymean = tensors["mean"], tensors["rotation"], tensors["ymean"]
+            self.alloc, self.clip_abs = tensors["alloc"].long(), tensors["clip"]
+        except KeyError as e:
+            raise CodecError(f"{self.name} state is missing tensor {e}") from e
+        self.warp.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("warp.")})
+        D = self.mean.shape[0]
+        if self.rotation.shape != (D, D) or self.alloc.shape != (D,) or self.clip_abs.shape != (D,):
+            raise CodecError(f"{self.name} state shapes disagree with D={D}")
+        if int(self.alloc.sum()) != self.code_bits(D):
+            raise CodecError(f"{self.name}: stored allocation sums to {int(self.alloc.sum())} bits, params give {self.code_bits(D)}")
+        self._kept = None
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.dim)
+
+
+@register
+class PCAQ(TransformQ):
+    name = "pca-q"
+
+
+@register
+class SplinePCAQ(TransformQ):
+    name = "spline-pca-q"
+    default_warp = "spline"
+
+
+@register
+class SplineQ(TransformQ):
+    name = "spline-q"
+    default_warp = "spline"
+    default_rotate = False
+
+
+@register
+class QSplinePCAQ(TransformQ):
+    name = "qspline-pca-q"
+    default_warp = "qspline"
+
+
+@register
+class QSplineQ(TransformQ):
+    name = "qspline-q"
+    default_warp = "qspline"
+    default_rotate = False
+
+
+@register
+class BennettPCAQ(TransformQ):
+    name = "bennett-pca-q"
+    default_warp = "bennett"
+
+
+@register
+class BennettQ(TransformQ):
+    name = "bennett-q"
+    default_warp = "bennett"
+    default_rotate = False

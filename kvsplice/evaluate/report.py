@@ -1,0 +1,169 @@
+"""Results: the text table, the JSON file (with the config that produced it) and the PNG plot.
+
+JSON layout (issue 3, section 6), one object per protocol:
+
+    {"model": str, "protocol": str, "tokens": int,
+     "rows": [{"name", "ppl", "nll", "v_bytes_per_token", "kv_bytes_per_token",
+               "v_reduction_pct", "kv_reduction_pct", "measured_cache_bytes", "seconds"}],
+     "config": {...}}
+
+`kvsplice ablate` may add "extra_protocols": [{"protocol", "tokens", "rows"}] for rows measured under
+a second protocol. Writes are atomic (temporary file in the same folder, then os.replace).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from kvsplice.errors import KVSpliceError
+from kvsplice.evaluate.perplexity import PROTOCOLS, ROW_FIELDS, EvalRow
+
+_FLOAT_FIELDS = tuple(f for f in ROW_FIELDS if f not in ("name", "measured_cache_bytes"))
+
+
+def result_dict(model: str, protocol: str, rows: Sequence[EvalRow], config: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object of one protocol's rows. `tokens` = scored tokens per row (the same for every
+    row, or the rows are not comparable and this raises)."""
+    if protocol not in PROTOCOLS:
+        raise KVSpliceError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    counts = {r.tokens for r in rows}
+    if len(counts) > 1:
+        raise KVSpliceError(f"rows scored different token counts {sorted(counts)}; they would not be comparable")
+    return {
+        "model": str(model),
+        "protocol": protocol,
+        "tokens": int(counts.pop()) if counts else 0,
+        "rows": [r.as_json() for r in rows],
+        "config": config,
+    }
+
+
+def validate_result(d: Any, require_config: bool = True) -> None:
+    """Raise KVSpliceError unless `d` follows the JSON layout above (types included)."""
+
+    def fail(msg: str) -> None:
+        raise KVSpliceError(f"result JSON: {msg}")
+
+    if not isinstance(d, dict):
+        fail(f"expected an object, found {type(d).__name__}")
+    need = {"model": str, "protocol": str, "tokens": int, "rows": list}
+    if require_config:
+        need["config"] = dict
+    for k, t in need.items():
+        if k not in d:
+            fail(f"missing key {k!r} (expected keys {sorted(need)})")
+        if not isinstance(d[k], t) or isinstance(d[k], bool):
+            fail(f"{k!r} must be {t.__name__}, found {type(d[k]).__name__}")
+    if d["protocol"] not in PROTOCOLS:
+        fail(f"protocol must be one of {PROTOCOLS}, found {d['protocol']!r}")
+    for i, row in enumerate(d["rows"]):
+        if not isinstance(row, dict) or set(row) != set(ROW_FIELDS):
+            fail(f"row {i} must have exactly the keys {list(ROW_FIELDS)}, found {sorted(row) if isinstance(row, dict) else row!r}")
+        if not isinstance(row["name"], str):
+            fail(f"row {i} 'name' must be str")
+        if not isinstance(row["measured_cache_bytes"], int) or isinstance(row["measured_cache_bytes"], bool):
+            fail(f"row {i} 'measured_cache_bytes' must be int, found {row['measured_cache_bytes']!r}")
+        for k in _FLOAT_FIELDS:
+            if not isinstance(row[k], float):
+                fail(f"row {i} {k!r} must be float, found {row[k]!r}")
+    for j, extra in enumerate(d.get("extra_protocols", [])):
+        validate_result({"model": d["model"], **extra}, require_config=False)
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Validate and write atomically (non-finite floats are written as null: strict JSON)."""
+    validate_result(data)
+    _atomic_write_bytes(Path(path), (json.dumps(_finite(data), indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def format_table(rows: Sequence[EvalRow], baseline: str | None = None, title: str | None = None) -> str:
+    """A fixed-width text table. Δppl % is relative to the row named `baseline` (default: the first)."""
+    if not rows:
+        return "(no rows)"
+    base = next((r for r in rows if r.name == baseline), rows[0]) if baseline is not None else rows[0]
+    head = ("row", "ppl", "Δppl %", "V B/tok", "KV B/tok", "V red %", "KV red %", "cache bytes", "sec")
+    lines = []
+    for r in rows:
+        d = 100.0 * (r.ppl / base.ppl - 1.0) if base.ppl and math.isfinite(base.ppl) else float("nan")
+        lines.append(
+            (
+                r.name,
+                f"{r.ppl:.3f}",
+                f"{d:+.2f}",
+                f"{r.v_bytes_per_token:.0f}",
+                f"{r.kv_bytes_per_token:.0f}",
+                f"{r.v_reduction_pct:.1f}",
+                f"{r.kv_reduction_pct:.1f}",
+                f"{r.measured_cache_bytes}",
+                f"{r.seconds:.1f}",
+            )
+        )
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    out = [title] if title else []
+    out += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
+    return "\n".join(out)
+
+
+def plot_frontier(path: str | os.PathLike, rows: Sequence[EvalRow], title: str = "") -> None:
+    """PNG: perplexity (log scale) vs total KV bytes per token, one labelled point per row. Atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise KVSpliceError("plot_frontier needs at least one row")
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    try:
+        xs = [r.kv_bytes_per_token for r in rows]
+        ys = [r.ppl for r in rows]
+        ax.scatter(xs, ys, s=28, color="tab:blue", zorder=3)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("total KV cache bytes per token (K + V, all layers, measured)")
+        ax.set_ylabel("perplexity (log scale)")
+        if all(y > 0 and math.isfinite(y) for y in ys):
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    finally:
+        plt.close(fig)
