@@ -238,7 +238,9 @@ class CompressedLayer(CacheLayerMixin):
             self.exposure = torch.zeros_like(self.mass)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's K/V (B, H, q, D); return K/V of every row the step attends to, (B, H, S + q, D)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -251,7 +253,9 @@ class CompressedLayer(CacheLayerMixin):
                 )
             hook = kwargs.get("kwargs")
             if not isinstance(hook, dict):
-                raise ModelError("this model's attention does not pass its kwargs to cache.update; pruning cannot score it")
+                raise ModelError(
+                    "this model's attention does not pass its kwargs to cache.update; pruning cannot score it"
+                )
             hook["kvsplice_layer"] = self
             new = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device)
             self.key_positions = torch.cat([self.positions, new.expand(*self.positions.shape[:2], q)], dim=2)
@@ -368,7 +372,8 @@ class CacheMemory:
         return (self.v_bytes + self.v_window_bytes) / max(self.tokens * self.batch, 1)
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "kv_bytes_per_token": self.kv_bytes_per_token, "v_bytes_per_token": self.v_bytes_per_token}
+        per_token = {"kv_bytes_per_token": self.kv_bytes_per_token, "v_bytes_per_token": self.v_bytes_per_token}
+        return {**asdict(self), **per_token}
 
 
 def model_layout(model: Any) -> tuple[int, int, int]:
@@ -379,7 +384,7 @@ def model_layout(model: Any) -> tuple[int, int, int]:
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or q_heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads)
     except AttributeError as e:
-        raise ModelError(f"cannot read the attention layout (layers, heads, head_dim) from {type(cfg).__name__}: {e}") from e
+        raise ModelError(f"cannot read layers / heads / head_dim from {type(cfg).__name__}: {e}") from e
     return layers, kv_heads, head_dim
 
 
@@ -414,9 +419,13 @@ class CompressedCache(Cache):
         if pruner is not None and not isinstance(pruner, VOnlyPruner):
             raise KVSpliceError(f"pruner must be a VOnlyPruner or None, got {type(pruner).__name__}")
         if pruner is not None and window > pruner.recency:
-            raise KVSpliceError(f"window ({window}) must be <= pruner.recency ({pruner.recency}): window rows are never pruned")
+            raise KVSpliceError(
+                f"window ({window}) must be <= pruner.recency ({pruner.recency}): window rows are never pruned"
+            )
         self.pruner, self.window, self.strategy = pruner, window, strategy
-        layers = [CompressedLayer(v, k, pruner, window, strategy, i) for i, (v, k) in enumerate(zip(v_codecs, k_codecs))]
+        layers = [
+            CompressedLayer(v, k, pruner, window, strategy, i) for i, (v, k) in enumerate(zip(v_codecs, k_codecs))
+        ]
         super().__init__(layers=layers)
 
     @classmethod

@@ -162,7 +162,8 @@ def test_attention_picks_mask_columns_of_the_rows_held():
     module = torch.nn.Module()
     module.layer_idx = 0
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 2, 2, 4, generator=g), torch.randn(1, 1, 4, 4, generator=g), torch.randn(1, 1, 4, 4, generator=g)
+    q = torch.randn(1, 2, 2, 4, generator=g)  # (B, Hq, q, D): two query heads share one KV head
+    k, v = torch.randn(1, 1, 4, 4, generator=g), torch.randn(1, 1, 4, 4, generator=g)
     pos = torch.arange(7)
     logical = ((pos[None, :] <= torch.tensor([5, 6])[:, None]) & (pos >= 4))[None, None]  # (1, 1, 2, 7)
     out, probs = kvsplice_attention_forward(module, q, k, v, logical, scaling=0.5, kvsplice_layer=layer)

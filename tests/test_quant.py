@@ -227,3 +227,43 @@ def test_bad_inputs_raise_typed_errors():
         get_codec("pca-q", bits=2.0).encode(torch.zeros(3, D))
     with pytest.raises(CodecError, match="non-finite"):
         get_codec("pca-q").fit(torch.full((20, D), float("nan")))
+
+
+def test_metric_fit_lowers_weighted_error_and_round_trips():
+    """With an output metric M the coder minimises e^T M e: it must beat the plain fit there."""
+    x, xt = _data(2000), _data(500, seed=5)
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(3 * D, D, generator=g) * torch.linspace(3.0, 0.1, D)  # stands in for W_o: (out, D)
+    m = a.T @ a
+    plain = get_codec("pca-q", bits=2.0).fit(x)
+    aware = get_codec("pca-q", bits=2.0).fit(x, metric=m)
+
+    def weighted(c):
+        e = c.decode(c.encode(xt)) - xt
+        return float(((e @ a.T) ** 2).sum(-1).mean())
+
+    assert weighted(aware) < weighted(plain)
+    assert aware.info["metric"] is True and aware.payload_bytes_per_vector() == plain.payload_bytes_per_vector()
+    back = Codec.from_state(aware.state_tensors(), aware.metadata())
+    assert torch.equal(back.decode(back.encode(xt)), aware.decode(aware.encode(xt)))
+
+
+def test_output_metric_matches_grouped_query_expansion():
+    from kvsplice.codecs.transform import output_metric
+
+    hkv, group, hd = 2, 3, 4
+    w = torch.randn(10, hkv * group * hd)  # (hidden, H_q * hd)
+    e = torch.zeros(hkv * group * hd, hkv * hd)
+    for q in range(hkv * group):  # query head q reads KV head q // group (transformers' repeat_kv)
+        e[q * hd:(q + 1) * hd, (q // group) * hd:(q // group + 1) * hd] = torch.eye(hd)
+    a = w @ e
+    assert torch.allclose(output_metric(w, hkv, hd), a.T @ a, atol=1e-4)
+    with pytest.raises(CodecError, match="multiple"):
+        output_metric(torch.randn(10, 20), 3, 4)
+
+
+def test_bad_metric_raises():
+    with pytest.raises(CodecError, match="metric"):
+        get_codec("pca-q", bits=2.0).fit(_data(100), metric=torch.ones(D + 1, D + 1))
+    with pytest.raises(CodecError, match="symmetric"):
+        get_codec("pca-q", bits=2.0).fit(_data(100), metric=torch.triu(torch.ones(D, D)))

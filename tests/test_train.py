@@ -274,7 +274,7 @@ def test_ablation_config_and_table(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[base]\nmax_steps = 5\n[[variants]]\nname = "X"\nprune_keep_ratio = 2.0\n')
     with pytest.raises(KVSpliceError, match="keep_ratio"):
-        load_ablation(bad)
+        load_ablation(bad).train_config("X")
     res = {"name": "V0", "val_ppl": 20.0, "v_values_per_head_T1024_formula": 65536, "steps": 3, "seconds": 1.0,
            "memory": {"v_values_per_head": [4096], "context": 64, "kv_bytes_per_token": 10.0, "v_bytes_per_token": 5.0}}
     row = make_row(res, "", 16.0)

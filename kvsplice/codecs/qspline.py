@@ -27,7 +27,7 @@ from kvsplice.errors import CodecError
 
 def _roundtrip(codec, w, x: torch.Tensor, ste: bool) -> torch.Tensor:
     """x (N, D) -> reconstruction (N, D) through warp w (None = identity) and codec's quantiser."""
-    z = x if w is None else w(x)
+    z = codec._premix(x if w is None else w(x))
     u, g = codec._normalise(z - codec.mean)
     y = u @ codec.rotation - codec.ymean  # (N, D)
     kept = codec.kept
@@ -40,13 +40,13 @@ def _roundtrip(codec, w, x: torch.Tensor, ste: bool) -> torch.Tensor:
     zc = full @ codec.rotation.T
     if g is not None:
         zc = zc * g.float()
-    zr = zc + codec.mean
+    zr = codec._postmix(zc + codec.mean)
     return zr if w is None else w.inverse(zr)
 
 
 def _heldout_mse(codec, w, train: torch.Tensor, hold: torch.Tensor) -> float:
     with torch.no_grad():
-        codec._fit_quantiser(train if w is None else w(train))
+        codec._fit_quantiser(codec._premix(train if w is None else w(train)))
         return float(((_roundtrip(codec, w, hold, ste=False) - hold).double() ** 2).mean())
 
 
@@ -74,7 +74,7 @@ def train_spline_for_quantisation(
     last = None
     for _ in range(epochs):
         with torch.no_grad():
-            codec._fit_quantiser(resolve(xk, *params)(train))
+            codec._fit_quantiser(codec._premix(resolve(xk, *params)(train)))
         order = torch.randperm(train.shape[0], generator=gen).to(x.device)
         for s in range(train.shape[0] // bs):
             xb = train[order[s * bs : (s + 1) * bs]]

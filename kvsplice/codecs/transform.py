@@ -1,7 +1,8 @@
 """Transform coders: compander -> (optional per-token gain) -> rotation -> water-filled uniform
 quantisation, and the exact inverse with dequantisation.
 
-    z = warp(x)                       (..., D)  per-dimension monotone compander (or identity)
+    z = warp(x) [@ M^(1/2)]           (..., D)  per-dimension monotone compander (or identity);
+                                                optional output metric M (fit(x, metric=M))
     zc = z - mean                     (..., D)
     g = rms(zc)  (fp16, stored)       (..., 1)  only with scale="gain" ("gain-shape" coding)
     y = (zc / g) @ R - ymean          (..., D)  R (D, D): full PCA rotation of the calibration data
@@ -10,6 +11,8 @@ quantisation, and the exact inverse with dequantisation.
 Budget: `bits` is the average number of bits per value INCLUDING the fp16 gain; the code bits
 are floor((bits * D - 16) / 8) * 8, so payload bytes = budget / 8 + 2 exactly and never exceed
 bits * D / 8. Rank truncation is the special case where the budget forces b_i = 0.
+Decode: y_hat = dequantised codes (ymean for dropped ones) -> (y_hat @ R^T) * g + mean
+[@ M^(-1/2)] -> warp^-1. Payload: {"codes": uint8 (..., code_bits / 8), "gain": fp16 (..., 1)}.
 
 Registry names (one class, different defaults):
   "pca-q"          no warp, rotation          "spline-pca-q"  seed spline g, rotation
@@ -72,6 +75,7 @@ class TransformQ(Codec):
         self.bits, self.scale, self.clip, self.rotate = bits, scale, clip, rotate
         self.warp = make_warp(warp, **(warp_params or {}))
         self.mean = self.rotation = self.ymean = self.alloc = self.clip_abs = None
+        self.pre = self.post = None  # (D, D) metric factors M^(1/2), M^(-1/2) when fitted with a metric
         self._kept: torch.Tensor | None = None
 
     # -- geometry ------------------------------------------------------------------------------------
@@ -89,15 +93,29 @@ class TransformQ(Codec):
         g = zc.pow(2).mean(-1, keepdim=True).sqrt().clamp(1e-6, 65504.0).half()  # (..., 1) fp16
         return zc / g.float(), g
 
-    def fit(self, x: torch.Tensor) -> "TransformQ":
+    def fit(self, x: torch.Tensor, metric: torch.Tensor | None = None) -> "TransformQ":
+        """x: (N, D) calibration vectors. metric: optional (D, D) symmetric PSD matrix M; the coder
+        then minimises the error e^T M e instead of |e|^2 (e.g. M = A^T A with A the output
+        projection that V feeds, see `output_metric`): it codes z @ M^(1/2) and maps back with
+        M^(-1/2) (eigenvalues floored at 1e-4 of the largest)."""
         x = self._check_fit_input(x, min_rows=8)
         N, D = x.shape
         self.code_bits(D)  # raises early when the budget is impossible
+        self.pre = self.post = None
+        if metric is not None:
+            self.pre, self.post = metric_factors(metric, D, self.name)
         self.warp.fit(x, self)
-        self._fit_quantiser(self.warp.forward(x))
+        self._fit_quantiser(self._premix(self.warp.forward(x)))
         self.dim = D
         self.info.update(self.warp.info)
+        self.info["metric"] = metric is not None
         return self
+
+    def _premix(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.pre is None else z @ self.pre.float()
+
+    def _postmix(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.post is None else z @ self.post.float()
 
     def _fit_quantiser(self, z: torch.Tensor) -> None:
         """Mean, rotation, allocation and clips from warped calibration vectors z (N, D)."""
@@ -113,7 +131,7 @@ class TransformQ(Codec):
         alloc = water_fill(var, budget).to(z.device)
         sigma = var.sqrt()
         if self.clip == "fit":
-            clip = fit_clip(y, alloc, sigma)
+            clip = fit_clip(y[:: max(1, y.shape[0] // 8192)], alloc, sigma)  # subsample: speed
         elif self.clip == "gauss":
             clip = gaussian_clip(alloc) * sigma
         else:
@@ -135,7 +153,7 @@ class TransformQ(Codec):
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(..., D) -> {"codes": uint8 (..., code_bits/8)} (+ "gain": fp16 (..., 1))."""
         self._check_vectors(x, self.dim, "encode")
-        z = self.warp.forward(x.float())
+        z = self._premix(self.warp.forward(x.float()))
         u, g = self._normalise(z - self.mean.float())
         y = (u @ self.rotation.float() - self.ymean.float())[..., self.kept]  # (..., k)
         b = self.alloc[self.kept]
@@ -175,11 +193,13 @@ class TransformQ(Codec):
     def decompress(self, z: torch.Tensor) -> torch.Tensor:
         self._check_vectors(z, self.dim, "decompress")
         zc = z.float() @ self.rotation.float().T
-        return self.warp.inverse(zc + self.mean.float()).to(z.dtype)
+        return self.warp.inverse(self._postmix(zc + self.mean.float())).to(z.dtype)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"mean": self.mean, "rotation": self.rotation, "ymean": self.ymean, "alloc": self.alloc, "clip": self.clip_abs}
         out.update({f"warp.{k}": v for k, v in self.warp.state_tensors().items()})
+        if self.pre is not None:
+            out.update(pre=self.pre, post=self.post)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -188,6 +208,9 @@ class TransformQ(Codec):
             self.alloc, self.clip_abs = tensors["alloc"].long(), tensors["clip"]
         except KeyError as e:
             raise CodecError(f"{self.name} state is missing tensor {e}") from e
+        self.pre, self.post = tensors.get("pre"), tensors.get("post")
+        if (self.pre is None) != (self.post is None):
+            raise CodecError(f"{self.name} state has only one of the metric tensors 'pre'/'post'")
         self.warp.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("warp.")})
         D = self.mean.shape[0]
         if self.rotation.shape != (D, D) or self.alloc.shape != (D,) or self.clip_abs.shape != (D,):
@@ -199,6 +222,34 @@ class TransformQ(Codec):
     @property
     def latent_dim(self) -> int:
         return int(self.dim)
+
+
+def metric_factors(metric: torch.Tensor, D: int, name: str = "transform-q", floor: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, D) symmetric PSD M -> (M^(1/2), M^(-1/2)), eigenvalues floored at floor * max (float32)."""
+    if not isinstance(metric, torch.Tensor) or tuple(metric.shape) != (D, D) or not metric.is_floating_point():
+        raise CodecError(f"{name}: metric must be a floating ({D}, {D}) tensor, got {getattr(metric, 'shape', type(metric))}")
+    m = metric.double()
+    if not bool(torch.isfinite(m).all()) or not torch.allclose(m, m.T, rtol=1e-4, atol=1e-6 * float(m.abs().max())):
+        raise CodecError(f"{name}: metric must be finite and symmetric")
+    ev, U = torch.linalg.eigh(m)
+    if float(ev.max()) <= 0:
+        raise CodecError(f"{name}: metric must have a positive eigenvalue")
+    ev = ev.clamp_min(float(ev.max()) * floor)
+    return ((U * ev.sqrt()) @ U.T).float(), ((U / ev.sqrt()) @ U.T).float()
+
+
+def output_metric(o_proj_weight: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Metric for V of one layer, joint over its KV heads: M = A^T A, A = W_o @ E, where E (H_q*hd,
+    H_kv*hd) copies each KV head to the query heads that read it (grouped-query attention). Exact
+    when the query heads of a group attend alike. o_proj_weight: (hidden, H_q*hd) -> (H_kv*hd, H_kv*hd)."""
+    W = o_proj_weight.double()
+    hq = W.shape[1] // head_dim
+    if W.shape[1] != hq * head_dim or hq % num_kv_heads:
+        raise CodecError(f"output_metric: o_proj input width {W.shape[1]} is not H_q*head_dim with H_q a multiple of {num_kv_heads}")
+    group = hq // num_kv_heads
+    Wh = W.reshape(W.shape[0], num_kv_heads, group, head_dim)  # (hidden, H_kv, group, hd)
+    A = Wh.sum(2).reshape(W.shape[0], num_kv_heads * head_dim)  # (hidden, H_kv*hd)
+    return (A.T @ A).float()
 
 
 @register

@@ -101,7 +101,7 @@ def _mse(codec, test: torch.Tensor) -> float:
 
 
 def compare(train: torch.Tensor, test: torch.Tensor, ranks: list[int], epochs: int = 8, knots: int = 7,
-            seed: int = 0) -> list[dict]:
+            seed: int = 0, on_row=None) -> list[dict]:
     """Fit pca and spline-pca on train (N, D) per rank; held-out MSE on test. Rows of the JSON schema
     plus "warp" (whether spline-pca kept its trained warp) for the printed table."""
     rows = []
@@ -111,14 +111,18 @@ def compare(train: torch.Tensor, test: torch.Tensor, ranks: list[int], epochs: i
         pm, sm = _mse(pca, test), _mse(spl, test)
         rows.append({"k": k, "pca_mse": pm, "spline_pca_mse": sm,
                      "delta_pct": 100.0 * (sm - pm) / pm if pm > 0 else 0.0, "warp": spl.info["warp"]})
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
-def _print(title: str, rows: list[dict]) -> None:
+def _header(title: str) -> None:
     print(title)
-    print(f"{'k':>5} {'pca_mse':>14} {'spline_pca_mse':>15} {'delta_%':>9}  warp")
-    for r in rows:
-        print(f"{r['k']:>5} {r['pca_mse']:>14.6g} {r['spline_pca_mse']:>15.6g} {r['delta_pct']:>+9.3f}  {r['warp']}")
+    print(f"{'k':>5} {'pca_mse':>14} {'spline_pca_mse':>15} {'delta_%':>9}  warp", flush=True)
+
+
+def _row(r: dict) -> None:
+    print(f"{r['k']:>5} {r['pca_mse']:>14.6g} {r['spline_pca_mse']:>15.6g} {r['delta_pct']:>+9.3f}  {r['warp']}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,17 +138,18 @@ def run(args: argparse.Namespace) -> int:
         sets = {n: _split(t, args.test_fraction, args.seed) for n, t in _select(args.data, args.key).items()}
     per_set = {}
     for name, (train, test) in sets.items():
-        rows = compare(train, test, args.ranks, args.epochs, args.knots, args.seed)
-        per_set[name] = rows
-        _print(f"{name}: {train.shape[0]} train / {test.shape[0]} test vectors of dim {train.shape[1]}"
-               " (held-out MSE, lower is better)", rows)
+        _header(f"{name}: {train.shape[0]} train / {test.shape[0]} test vectors of dim {train.shape[1]}"
+                " (held-out MSE, lower is better)")
+        per_set[name] = compare(train, test, args.ranks, args.epochs, args.knots, args.seed, on_row=_row)
     rows = []
     for i, k in enumerate(args.ranks):
         pm = sum(r[i]["pca_mse"] for r in per_set.values()) / len(per_set)
         sm = sum(r[i]["spline_pca_mse"] for r in per_set.values()) / len(per_set)
         rows.append({"k": k, "pca_mse": pm, "spline_pca_mse": sm, "delta_pct": 100.0 * (sm - pm) / pm if pm > 0 else 0.0})
     if len(per_set) > 1:
-        _print(f"mean over {len(per_set)} tensors", [dict(r, warp="-") for r in rows])
+        _header(f"mean over {len(per_set)} tensors")
+        for r in rows:
+            _row(dict(r, warp="-"))
     result = {
         "rows": rows,
         "n_train": sum(t.shape[0] for t, _ in sets.values()),

@@ -179,7 +179,12 @@ class AblationConfig:
         _check(isinstance(self.calibration, dict), f"[calibration] must be a table, got {type(self.calibration).__name__}")
         fixed = sorted({"codec", "rank", "joint_heads"} & set(self.calibration))
         _check(not fixed, f"[calibration] must not set {fixed}: they come from each row")
-        self.calibration_config("pca", 1, False)  # validates the table (unknown keys, types)
+        try:  # validates the table (unknown keys, types)
+            self.calibration_config("pca", 1, False)
+        except AblationConfigError:
+            raise
+        except KVSpliceError as e:
+            raise AblationConfigError(f"[calibration]: {e}") from e
 
     def calibration_config(self, codec: str, rank: int, joint_heads: bool):
         """The CalibrationConfig fitting one geometry (validates the [calibration] table)."""
@@ -259,20 +264,36 @@ def prepare_geometries(
     needed = list(dict.fromkeys(r.geometry_key for r in cfg.rows if r.codec is not None))
     gdir = Path(cfg.geometry_dir) if cfg.geometry_dir else None
     collected = None
+    description = f"files {cfg.calibration_data}" if cfg.calibration_data else describe_default("calibration")
     for key in needed:
         name = geometry_filename(*key)
         path = Path(explicit[key]) if key in explicit else (gdir / name if gdir else None)
+        ccfg = cfg.calibration_config(*key)
         if path is not None and (key in explicit or path.is_file()):
             geo = load_geometry(path)
             _check_geometry(geo, key, model, str(path))
+            made_with = geo.meta.get("calibration_config")
+            stale = []
+            if made_with is not None and json.loads(made_with) != json.loads(json.dumps(ccfg.to_dict())):
+                stale.append(f"calibration settings {made_with}")
+            if geo.meta.get("calibration", description) != description:
+                stale.append(f"calibration text {geo.meta['calibration']!r}")
+            if geo.meta.get("model", model_id(model)) != model_id(model):
+                stale.append(f"model {geo.meta['model']!r}")
+            if stale and key in explicit:
+                log(f"note: geometry {path} differs from this config: {'; '.join(stale)} (used as given)")
+            elif stale:
+                log(f"geometry {path} was made with other {'; '.join(stale)}; recalibrating")
+                geo = None
+        else:
+            geo = None
+        if geo is not None:
             geos[key] = geo
             info[name] = {"path": str(path), "reused": True, **{k: geo.meta.get(k) for k in ("calibration", "tokens", "fit_seconds")}}
             log(f"reusing geometry {path}")
             continue
-        ccfg = cfg.calibration_config(*key)
         if collected is None:
             text = load_texts(cfg.calibration_data) if cfg.calibration_data else calibration_text()
-            description = f"files {cfg.calibration_data}" if cfg.calibration_data else describe_default("calibration")
             t0 = time.perf_counter()
             collected = collect_layer_vectors(model, tokenizer, text, ccfg, progress=progress)
             collect_s = time.perf_counter() - t0

@@ -37,8 +37,6 @@ class AblationConfig:
         names = [v.get("name") for v in self.variants]
         if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
             raise KVSpliceError(f"ablation config: every variant needs a unique non-empty name, got {names}")
-        for v in self.variants:  # validate now, not after an hour of training
-            self.train_config(v["name"])
 
     def train_config(self, name: str) -> TrainConfig:
         v = next((v for v in self.variants if v["name"] == name), None)
@@ -131,6 +129,8 @@ def run_ablation(acfg: AblationConfig, only: list[str] | None = None, json_path:
         if bad:
             raise KVSpliceError(f"unknown variants {bad}; expected among {names}")
         names = [n for n in names if n in only]
+    for n in names:  # validate every selected variant now, not after an hour of training
+        acfg.train_config(n)
     t0 = time.perf_counter()
     results, rows = [], []
     ref_ppl = None
