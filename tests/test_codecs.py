@@ -85,6 +85,14 @@ def test_guard_keeps_identity_when_the_warp_does_not_help():
     assert torch.equal(bad.decompress(bad.compress(x)), pca.decompress(pca.compress(x)))
 
 
+def test_guard_off_and_too_small_for_a_holdout():
+    x = make_synthetic(n_train=400, n_test=1, seed=5)[0][:, :8].contiguous()
+    off = get_codec("spline-pca", k=4, epochs=2, holdout=0.0).fit(x)
+    assert off.info["warp"] == "trained" and off.info["n_holdout"] == 0 and "disables" in off.info["decision"]
+    tiny = get_codec("spline-pca", k=4, epochs=2).fit(x[:7])  # 7 = max(k, knots): nothing left to hold out
+    assert tiny.info["warp"] == "identity" and tiny.info["n_holdout"] == 0 and "too few" in tiny.info["decision"]
+
+
 def test_deterministic_given_seed_and_shapes():
     x = make_synthetic(n_train=3000, n_test=10, seed=2)[0]
     a = get_codec("spline-pca", k=4, epochs=2, seed=7).fit(x)

@@ -115,6 +115,18 @@ def test_prefill_continue_is_causal(chunk):
     assert long.v_bytes_per_token < 0.5 * 4 * F32 * H * L
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_chunk_size_does_not_change_rows_without_pruning(arch):
+    """What the ablation relies on to feed unpruned rows in larger chunks."""
+    model = MAKERS[arch]()
+    ids = stream(120, seed=3)
+    for make in (DynamicCache, codec_cache(model, "pca", k=3)):
+        kw = dict(prefill=20, continue_tokens=15, segments=2, batch_size=2)
+        one = perplexity_prefill_continue(model, ids, make, chunk=1, **kw)
+        five = perplexity_prefill_continue(model, ids, make, chunk=5, **kw)
+        torch.testing.assert_close(five.token_nll, one.token_nll, rtol=0, atol=2e-5)
+
+
 def test_teacher_forced_refuses_pruning():
     model = make_tiny_llama()
     make = codec_cache(model, "identity", pruner_kw=dict(keep_ratio=0.5))
@@ -206,3 +218,29 @@ def test_eval_cli_end_to_end(tmp_path, tiny_llama, capsys):
     # pruning under teacher forcing: a typed error (exit 2), before any model is loaded
     assert main(argv[:-2] + ["--keep-ratio", "0.5"]) == 2
     assert "prefill-continue" in capsys.readouterr().err
+
+
+def test_generate_cli_prints_continuation_and_measured_bytes(tmp_path, tiny_llama, capsys):
+    from kvsplice.cli import main
+    from kvsplice.geometry import Geometry, save_geometry
+
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    L, H, D = layout(model)
+    g = torch.Generator().manual_seed(0)
+    codecs = {(l, h): get_codec("pca", k=2).fit(torch.randn(100, D, generator=g)) for l in range(L) for h in range(H)}
+    save_geometry(tmp_path / "g.safetensors", Geometry(codecs, {"target": "v", "num_layers": str(L)}))
+    argv = ["generate", "--model", str(tmp_path / "m"), "--geometry", str(tmp_path / "g.safetensors"),
+            "--prompt", "hello there, cache " * 8, "--max-new-tokens", "6", "--keep-ratio", "0.5", "--recency", "8", "--k-min", "8"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip()  # the continuation
+    line = next(l for l in err.splitlines() if l.startswith("[cache]"))
+    held, unc = (int(s) for s in __import__("re").findall(r"(\d+) bytes", line)[:2])
+    assert 0 < held < unc / 2  # pruned to half of the tokens, V at 2 of 8 dims
+    # a geometry for another layout is refused before generating
+    bad = {(l, h): get_codec("pca", k=2).fit(torch.randn(100, D + 1, generator=g)) for l in range(L) for h in range(H)}
+    save_geometry(tmp_path / "bad.safetensors", Geometry(bad, {"target": "v"}))
+    assert main(argv[:4] + [str(tmp_path / "bad.safetensors")] + argv[5:]) == 2
+    assert "dimension" in capsys.readouterr().err

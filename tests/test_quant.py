@@ -267,3 +267,12 @@ def test_bad_metric_raises():
         get_codec("pca-q", bits=2.0).fit(_data(100), metric=torch.ones(D + 1, D + 1))
     with pytest.raises(CodecError, match="symmetric"):
         get_codec("pca-q", bits=2.0).fit(_data(100), metric=torch.triu(torch.ones(D, D)))
+
+
+@pytest.mark.parametrize("name", ["spline-pca-q", "spline-q", "qspline-pca-q", "qspline-q"])
+def test_spline_warps_report_the_held_out_decision(fitted, name):
+    c = next(v for (n, _), v in fitted.items() if n == name)
+    assert c.info["warp"] in ("trained", "identity")
+    if c.info["warp"] == "identity":  # the fallback really is the identity map
+        x = _data(30, seed=6)
+        assert torch.allclose(c.warp.forward(x), x, atol=1e-4)

@@ -140,7 +140,9 @@ class SplineWarp(Warp):
         k = self.k or max(1, x.shape[1] // 4)
         sp = SplinePCA(k=k, knots=self.knots, epochs=self.epochs, **self.train).fit(x)
         self.g = sp.warp
-        self.info = {"warp_" + key: v for key, v in sp.info.items() if key in ("warp", "holdout_mse_pca", "holdout_mse_spline")}
+        self.info = {"warp": sp.info.get("warp"), "warp_rank": k,
+                     "truncation_holdout_mse_pca": sp.info.get("holdout_mse_pca"),
+                     "truncation_holdout_mse_spline": sp.info.get("holdout_mse_spline")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

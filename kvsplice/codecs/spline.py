@@ -41,7 +41,10 @@ SLOPE_EPS = 1e-4  # seed: slopes = softplus(delta_raw) + eps
 SCALE_EPS = 1e-3  # seed: scale = softplus(scale_raw) + 1e-3
 AVG_MIN = 1e-6  # seed: clamp of the slope normaliser
 MIN_SLOPE = 1e-12  # guard when dividing by a slope read from a file
-_BLOCK = 1 << 16  # values per block on the inference path
+# Values per block on the inference path: 2^15 is torch's intra-op grain size, so each elementwise
+# op on a block runs on one thread. Larger blocks get split across threads per op, and on a shared
+# 2-core machine every op then waits for a descheduled thread (measured: 10-20x slower).
+_BLOCK = 1 << 15
 
 
 @dataclass
@@ -141,7 +144,7 @@ def _piecewise(x: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, knots: torch
         for j in range(1, n_seg):  # K-2 more segments; vectorised over D and the batch
             out = out + rates[:, j] * (torch.clamp(x, min=lo[:, j], max=hi[:, j]) - knots[:, j])
         return out
-    # Inference path: the same sum in place, on row blocks of ~2^16 values so that the 4(K-1)
+    # Inference path: the same sum in place, on row blocks of ~2^15 values so that the 4(K-1)
     # elementwise passes run in cache instead of streaming the whole tensor from memory each time.
     dtype = torch.result_type(x, rates)
     d = x.shape[-1]

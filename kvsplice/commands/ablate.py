@@ -40,7 +40,8 @@ def execute(cfg, json_path: str | Path | None, plot_path: str | Path | None, pro
     base = res.rows[0].name
     print(format_table(res.rows, baseline=base, title=(
         f"{res.result['model']} - prefill-continue: prefill {p.prefill}, then {p.continue_tokens} tokens scored "
-        f"(chunk {p.chunk}) x {p.segments} segments = {res.result['tokens']} tokens per row; Δppl vs {base}")))
+        f"(fed {p.chunk} per step with pruning, {p.unpruned_chunk} without) x {p.segments} segments = "
+        f"{res.result['tokens']} tokens per row; Δppl vs {base}")))
     if res.tf_rows:
         extra = res.result["extra_protocols"][0]
         print()

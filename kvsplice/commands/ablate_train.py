@@ -17,6 +17,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run only these variants (in config order)")
     p.add_argument("--max-steps", type=int, default=None, help="override the base step budget (quick checks)")
     p.add_argument("--threads", type=int, default=None, help="override torch CPU threads")
+    p.add_argument("--seed", type=int, default=None, help="override the base seed (repeat the ablation for seed noise)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from kvsplice.train.ablation import load_ablation, run_ablation
 
-    over = {k: v for k, v in (("max_steps", args.max_steps), ("threads", args.threads)) if v is not None}
+    over = {k: v for k, v in (("max_steps", args.max_steps), ("threads", args.threads), ("seed", args.seed)) if v is not None}
     if args.no_progress:
         over["progress"] = False
     acfg = load_ablation(args.config, over)

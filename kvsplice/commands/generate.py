@@ -15,6 +15,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
     p.add_argument("--geometry", default=None, help="V geometry file (default: none, V stored uncompressed)")
     p.add_argument("--keep-ratio", type=float, default=None, help="V-only pruning keep ratio (default: no pruning)")
+    p.add_argument("--recency", type=int, default=64, help="pruning: newest tokens always kept (default 64)")
+    p.add_argument("--k-min", type=int, default=64, help="pruning: minimum tokens kept (default 64)")
     p.add_argument("--window", type=int, default=0, help="newest tokens kept in full precision (default 0)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise KVSpliceError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    pruner = None if args.keep_ratio is None else VOnlyPruner(keep_ratio=args.keep_ratio)
+    pruner = None if args.keep_ratio is None else VOnlyPruner(keep_ratio=args.keep_ratio, recency=args.recency, k_min=args.k_min)
     geometry = load_geometry(args.geometry) if args.geometry else None
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)

@@ -9,8 +9,11 @@ token counts and the rows. Each row is one cache:
     both                      -> prune, then compress the kept V (strategy "A"; V20)
 
 Protocol: EVERY row is measured with prefill-continue (the only protocol pruning allows), on the
-same tokens, so all rows compare; rows without pruning are also measured teacher-forced when
-`protocol.teacher_forced` is on (more tokens for the same time: one forward per window).
+same tokens with the same loss accounting, so all rows compare. Rows with pruning decode token by
+token (`chunk`, default 1); rows without pruning are fed `unpruned_chunk` tokens per step, which
+changes nothing they compute except float summation order (no selection exists; every V is encoded
+on arrival) and makes them much cheaper. Rows without pruning are also measured teacher-forced when
+`protocol.teacher_forced` is on (the usual protocol for codec-only results).
 
 Geometries: one per (codec, rank, joint_heads). A row's `geometry` path, else
 `<geometry_dir>/<codec>-k<rank>[-joint].safetensors` when present, is reused (checked against the
@@ -106,20 +109,25 @@ class RowSpec:
 
 @dataclass
 class ProtocolSpec:
-    """prefill/continue_tokens/chunk/segments/batch_size: prefill-continue (every row);
-    teacher_forced: also run rows without pruning teacher-forced, `tf_windows` windows of `tf_window`."""
+    """prefill/continue_tokens/segments/batch_size: prefill-continue (every row). chunk: tokens fed
+    per step for rows WITH pruning (1 = true decoding: the selection is refreshed after every token).
+    unpruned_chunk: the same for rows without pruning, where the chunk size cannot change what any
+    query reads (every token's V is encoded on arrival, nothing is selected), only the float summation
+    order; a larger chunk just makes those rows cheaper. teacher_forced: also run rows without
+    pruning teacher-forced, `tf_windows` windows of `tf_window`."""
 
     prefill: int = 768
-    continue_tokens: int = 128
+    continue_tokens: int = 256
     chunk: int = 1
+    unpruned_chunk: int = 16
     segments: int = 4
     batch_size: int = 4
     teacher_forced: bool = True
     tf_window: int = 1024
-    tf_windows: int = 8
+    tf_windows: int = 2
 
     def __post_init__(self) -> None:
-        for k in ("prefill", "continue_tokens", "chunk", "segments", "batch_size", "tf_window", "tf_windows"):
+        for k in ("prefill", "continue_tokens", "chunk", "unpruned_chunk", "segments", "batch_size", "tf_window", "tf_windows"):
             _check(_is_int(getattr(self, k)) and getattr(self, k) >= 1, f"[protocol] {k} must be a positive int, got {getattr(self, k)!r}")
         _check(isinstance(self.teacher_forced, bool), f"[protocol] teacher_forced must be a bool, got {self.teacher_forced!r}")
         _check(self.tf_window >= 2, f"[protocol] tf_window must be >= 2, got {self.tf_window}")
@@ -140,7 +148,7 @@ def default_rows() -> list[RowSpec]:
 
 
 def _default_calibration() -> dict[str, Any]:
-    return {"samples": 48000, "max_batches": 16, "fit_samples_per_dim": 2000, "epochs": 8, "knots": 7}
+    return {"samples": 24576, "max_batches": 8, "fit_samples_per_dim": 2000, "epochs": 8, "knots": 7}
 
 
 @dataclass
@@ -365,7 +373,8 @@ def run_ablation(
     for row in cfg.rows:
         make = cache_factory(model, row, geos.get(row.geometry_key))
         r = perplexity_prefill_continue(
-            model, ids, make, prefill=p.prefill, continue_tokens=p.continue_tokens, chunk=p.chunk,
+            model, ids, make, prefill=p.prefill, continue_tokens=p.continue_tokens,
+            chunk=p.chunk if row.prunes else p.unpruned_chunk,
             segments=p.segments, batch_size=p.batch_size, name=row.name,
         )
         rows.append(r)

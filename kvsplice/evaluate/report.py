@@ -145,7 +145,9 @@ def plot_frontier(path: str | os.PathLike, rows: Sequence[EvalRow], title: str =
     try:
         xs = [r.kv_bytes_per_token for r in rows]
         ys = [r.ppl for r in rows]
+        ax.axhline(ys[0], color="grey", lw=0.8, ls="--", zorder=1, label=f"{rows[0].name} (first row)")
         ax.scatter(xs, ys, s=28, color="tab:blue", zorder=3)
+        ax.legend(loc="best", fontsize=8)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("total KV cache bytes per token (K + V, all layers, measured)")

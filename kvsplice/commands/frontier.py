@@ -1,0 +1,83 @@
+"""`kvsplice frontier`: sweep every method (our quantising codecs on V / K / K+V, the seed's pca /
+spline-pca / V-only pruning, and the peers: KIVI, H2O, StreamingLLM, transformers' QuantizedCache,
+plain per-token ints) over a grid of budgets; print the table, write the JSON and the PNG
+(perplexity vs KV bytes per token)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from kvsplice.errors import KVSpliceError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "frontier.toml"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("frontier", help="quality-per-byte frontier of every method and peer", description=__doc__)
+    p.add_argument("--model", default=None, help="model name or folder (overrides the config; default smollm2-135m)")
+    p.add_argument("--config", default=None,
+                   help="frontier config (TOML); default configs/frontier.toml when present, else the built-in grid")
+    p.add_argument("--quick", action="store_true", help="the quick grid (the config's [quick] table, else the built-in one)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the frontier JSON here")
+    p.add_argument("--plot", metavar="PATH.png", default=None, help="write the PNG here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides the config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def format_points(result: dict) -> str:
+    """Fixed-width table of the points: method, setting, bits/value, bytes/token, ppl, Δppl %, Pareto."""
+    base = result["baseline_ppl"]
+    glob = {(g["method"], g["setting"]) for g in result.get("global_pareto", [])}
+    rows = [("method", "setting", "bits/val", "B/token", "ppl", "Δppl %", "pareto")]
+    for q in result["points"]:
+        ppl = q["ppl"] if q["ppl"] is not None else float("nan")
+        mark = ("*" if q["pareto"] else "") + ("G" if (q["method"], q["setting"]) in glob else "")
+        rows.append((q["method"], q["setting"], f"{q['kv_bits_per_value']:.2f}", f"{q['kv_bytes_per_token']:.0f}",
+                     f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f}" if math.isfinite(ppl) else "nan", mark))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvsplice.evaluate.frontier import FrontierConfig, run_frontier, write_frontier_json
+
+    if args.config is not None:
+        cfg = FrontierConfig.from_toml(args.config, quick=args.quick)
+    elif DEFAULT_CONFIG.is_file():
+        cfg = FrontierConfig.from_toml(DEFAULT_CONFIG, quick=args.quick)
+    else:
+        cfg = FrontierConfig.quick() if args.quick else FrontierConfig()
+    if args.model is not None:
+        cfg.model = args.model
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KVSpliceError(f"--threads must be >= 1, got {args.threads}")
+        cfg.threads = args.threads
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = run_frontier(cfg, log=log, progress=not args.quiet)
+    p = cfg.protocol
+    print(f"{result['model']}: prefill-continue, prefill {p.prefill} + {p.continue_tokens} scored tokens x {p.segments} segments; "
+          f"baseline ppl {result['baseline_ppl']:.3f}  (* = Pareto within its method, G = Pareto over all methods)")
+    print(format_points(result))
+    if "teacher_forced" in result:
+        print(f"\nteacher-forced ({p.tf_windows} windows of {p.tf_window}; exact settings only), baseline ppl "
+              f"{result['teacher_forced']['baseline_ppl']:.3f}")
+        print(format_points({**result["teacher_forced"], "global_pareto": []}))
+    print(f"\nwall time {result['run']['seconds']:.0f} s")
+    if args.json:
+        write_frontier_json(args.json, result)
+        print(f"JSON -> {args.json}")
+    if args.plot:
+        from kvsplice.evaluate.frontier_plot import plot_frontier_json
+
+        plot_frontier_json(args.plot, result)
+        print(f"plot -> {args.plot}")
+    return 0

@@ -1,0 +1,256 @@
+"""`kvsplice frontier`: run the grid of kvsplice/evaluate/frontier_config.py and write the JSON + PNG.
+
+JSON (issue 5, section 4, plus "config" and two documented extras):
+
+    {"model": str, "baseline_ppl": float,
+     "points": [{"method", "setting", "kv_bits_per_value", "kv_bytes_per_token", "ppl", "pareto"}],
+     "config": {...},                              # the FrontierConfig that produced it
+     "global_pareto": [{"method", "setting"}],     # not dominated by any point of any method
+     "teacher_forced": {"baseline_ppl", "points"}  # only when protocol.teacher_forced (exact settings)
+    }
+
+The baseline (transformers DynamicCache, model dtype) is point {"method": "baseline"}; "pareto" is
+per method (see frontier_config.py). Atomic writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from kvsplice.errors import KVSpliceError
+from kvsplice.evaluate.frontier_config import (
+    POINT_KEYS,
+    FrontierConfig,
+    FrontierConfigError,
+    FrontierProtocol,
+    MethodSpec,
+    _make_peer,
+    default_methods,
+    quick_methods,
+)
+from kvsplice.evaluate.perplexity import EvalRow, perplexity_prefill_continue, perplexity_teacher_forced
+
+__all__ = [
+    "FrontierConfig", "FrontierConfigError", "FrontierProtocol", "MethodSpec", "default_methods", "quick_methods",
+    "pareto_flags", "run_frontier", "validate_frontier", "write_frontier_json", "POINT_KEYS",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
+    """(bytes, ppl) pairs -> True where no other pair has bytes <= and ppl <= with one strictly less.
+    Non-finite ppl is never Pareto-optimal."""
+    out = []
+    for i, (b, p) in enumerate(points):
+        ok = math.isfinite(p)
+        for j, (b2, p2) in enumerate(points):
+            if ok and j != i and math.isfinite(p2) and b2 <= b and p2 <= p and (b2 < b or p2 < p):
+                ok = False
+        out.append(ok)
+    return out
+
+
+class _Calibration:
+    """Collects V and K once (lazily) and fits one geometry per (codec, params, target, joint)."""
+
+    def __init__(self, cfg: FrontierConfig, model: Any, tokenizer: Any, log: Callable[[str], None], progress: bool) -> None:
+        self.cfg, self.model, self.tokenizer, self.log, self.progress = cfg, model, tokenizer, log, progress
+        self.collected: dict[str, Any] = {}
+        self.geometries: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
+
+    def _collect(self, target: str) -> Any:
+        if target not in self.collected:
+            from kvsplice.calibrate import CalibrationConfig, collect_layer_vectors
+            from kvsplice.data import calibration_text, load_texts
+
+            text = load_texts(self.cfg.calibration_data) if self.cfg.calibration_data else calibration_text()
+            ccfg = CalibrationConfig.from_dict({**self.cfg.calibration, "target": target})
+            t0 = time.perf_counter()
+            self.collected[target] = collect_layer_vectors(self.model, self.tokenizer, text, ccfg, progress=self.progress)
+            self.info[f"collect_{target}_seconds"] = round(time.perf_counter() - t0, 2)
+            self.log(f"collected {target.upper()}: {self.collected[target].tokens} tokens in {self.info[f'collect_{target}_seconds']} s")
+        return self.collected[target]
+
+    def geometry(self, s: dict[str, Any], target: str) -> Any:
+        from kvsplice.calibrate import CalibrationConfig, fit_geometry, split_heads
+        from kvsplice.data import describe_default
+        from kvsplice.loading import model_id
+        from kvsplice.models import get_adapter
+
+        joint = bool(s.get("joint_heads", False))
+        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "k")}
+        key = json.dumps([s["codec"], target, joint, s.get("k"), codec_params], sort_keys=True)
+        if key not in self.geometries:
+            col = self._collect(target)
+            ccfg = CalibrationConfig.from_dict({**self.cfg.calibration, "codec": s["codec"], "rank": int(s.get("k", 1)),
+                                                "target": target, "joint_heads": joint, "codec_params": codec_params})
+            if "k" not in s:
+                ccfg.fit_samples_per_dim = None  # quantising codecs: fit on every sampled vector
+            meta = {"model": model_id(self.model), **{k: str(v) for k, v in get_adapter(self.model).layout().items()},
+                    "calibration": "files" if self.cfg.calibration_data else describe_default("calibration"),
+                    "tokens": str(col.tokens)}
+            t0 = time.perf_counter()
+            self.geometries[key] = fit_geometry(split_heads(col, joint), ccfg, meta)
+            self.info.setdefault("fit_seconds", {})[key] = round(time.perf_counter() - t0, 2)
+            self.log(f"fitted {s['codec']} {target.upper()} {codec_params or {'k': s.get('k')}} joint={joint} in {time.perf_counter() - t0:.1f} s")
+        return self.geometries[key]
+
+
+def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable[[], Any]:
+    from kvsplice.cache import CompressedCache, LayerCodec, model_layout
+    from kvsplice.kcodec import k_layer_codecs
+
+    layers = model_layout(model)[0]
+    target = s.get("target", "v")
+    v = k = None
+    if "v" in target:
+        geo = cal.geometry(s, "v")
+        v = [LayerCodec.from_geometry(geo, l) for l in range(layers)]
+    if "k" in target:
+        k = k_layer_codecs(model, cal.geometry(s, "k"))
+    window = int(s.get("window", 0))
+    return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window)
+
+
+def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
+    (key, _), = m.sweep.items()
+    if peer is not None:
+        return peer.setting()
+    extra = f" window={s['window']}" if s.get("window") else ""
+    if m.kind == "codec":
+        joint = " joint" if s.get("joint_heads") else ""
+        return f"{key}={s[key]} {s.get('target', 'v').upper()}{joint}{extra}"
+    return f"{key}={s[key]}"
+
+
+def run_frontier(
+    cfg: FrontierConfig, model: Any = None, tokenizer: Any = None, log: Callable[[str], None] = print, progress: bool = True
+) -> dict[str, Any]:
+    """Measure the baseline and every setting; return the JSON object (module docstring)."""
+    from transformers import DynamicCache
+
+    from kvsplice.cache import CompressedCache, model_layout
+    from kvsplice.data import evaluation_text, load_texts, tokenize
+    from kvsplice.loading import load_model, model_id
+    from kvsplice.pruning import VOnlyPruner
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+    model.eval()
+    layers, heads, head_dim = model_layout(model)
+    values_per_token = 2 * layers * heads * head_dim
+    ids = tokenize(tokenizer, load_texts(cfg.eval_data) if cfg.eval_data else evaluation_text())
+    p = cfg.protocol
+    tokens_end = p.prefill + p.continue_tokens
+    cal = _Calibration(cfg, model, tokenizer, log, progress)
+
+    def pc(make: Callable[[], Any], name: str) -> EvalRow:
+        return perplexity_prefill_continue(model, ids, make, prefill=p.prefill, continue_tokens=p.continue_tokens, chunk=p.chunk,
+                                           segments=p.segments, batch_size=p.batch_size, name=name)
+
+    def tf(make: Callable[[], Any], name: str) -> EvalRow:
+        return perplexity_teacher_forced(model, ids, make, window=p.tf_window, max_windows=p.tf_windows, name=name)
+
+    def point(method: str, setting: str, r: EvalRow) -> dict[str, Any]:
+        return {"method": method, "setting": setting, "kv_bits_per_value": 8.0 * r.kv_bytes_per_token / values_per_token,
+                "kv_bytes_per_token": float(r.kv_bytes_per_token), "ppl": float(r.ppl), "pareto": False}
+
+    base = pc(DynamicCache, "baseline")
+    points = [point("baseline", f"DynamicCache {cfg.dtype}", base)]
+    log(f"baseline: ppl {base.ppl:.3f}, {base.kv_bytes_per_token:.0f} B/token, {base.seconds:.1f} s")
+    tf_points, tf_base = [], None
+    if p.teacher_forced:
+        tf_base = tf(DynamicCache, "baseline")
+        tf_points.append(point("baseline", f"DynamicCache {cfg.dtype}", tf_base))
+    details = []
+    for m in cfg.methods:
+        for s in m.settings():
+            t0 = time.perf_counter()
+            peer, exact = None, False
+            if m.kind == "codec":
+                make = _codec_factory(model, s, cal)
+                exact = not s.get("window")
+            elif m.kind == "prune":
+                pr = {k: v for k, v in s.items() if k in ("keep_ratio", "recency", "k_min", "exposure_correction", "ema")}
+                make = lambda pr=pr: CompressedCache(layers, pruner=VOnlyPruner(**pr))  # noqa: E731
+            else:
+                peer = _make_peer(s, tokens_end)
+                make = peer.cache_factory(model)
+                exact = peer.teacher_forced_exact
+            setting = _setting_str(m, s, peer)
+            r = pc(make, f"{m.name} {setting}")
+            points.append(point(m.name, setting, r))
+            line = f"{m.name} [{setting}]: ppl {r.ppl:.3f}, {points[-1]['kv_bits_per_value']:.2f} bits/value, {r.kv_bytes_per_token:.0f} B/token, {r.seconds:.1f} s"
+            if p.teacher_forced and exact:
+                t = tf(make, r.name)
+                tf_points.append(point(m.name, setting, t))
+                line += f" | teacher-forced ppl {t.ppl:.3f}"
+            log(line)
+            details.append({"method": m.name, "setting": setting, "v_bytes_per_token": r.v_bytes_per_token,
+                            "seconds": round(time.perf_counter() - t0, 2)})
+    _flag(points)
+    result: dict[str, Any] = {"model": model_id(model), "baseline_ppl": float(base.ppl), "points": points,
+                              "config": cfg.to_dict()}
+    flags = pareto_flags([(q["kv_bytes_per_token"], q["ppl"]) for q in points])
+    result["global_pareto"] = [{"method": q["method"], "setting": q["setting"]} for q, f in zip(points, flags) if f]
+    if p.teacher_forced:
+        _flag(tf_points)
+        result["teacher_forced"] = {"baseline_ppl": float(tf_base.ppl), "points": tf_points}
+    result["run"] = {"seconds": round(time.perf_counter() - t_start, 1), "eval_tokens_available": int(ids.shape[0]),
+                     "values_per_token": values_per_token, "calibration": cal.info, "details": details}
+    return json.loads(json.dumps(result))
+
+
+def _flag(points: list[dict[str, Any]]) -> None:
+    by_method: dict[str, list[int]] = {}
+    for i, q in enumerate(points):
+        by_method.setdefault(q["method"], []).append(i)
+    for idx in by_method.values():
+        for i, f in zip(idx, pareto_flags([(points[i]["kv_bytes_per_token"], points[i]["ppl"]) for i in idx])):
+            points[i]["pareto"] = f
+
+
+def validate_frontier(d: Any) -> None:
+    """Raise KVSpliceError unless d follows the frontier JSON layout (module docstring)."""
+
+    def fail(msg: str) -> None:
+        raise KVSpliceError(f"frontier JSON: {msg}")
+
+    if not isinstance(d, dict):
+        fail(f"expected an object, found {type(d).__name__}")
+    for k, t in (("model", str), ("baseline_ppl", float), ("points", list), ("config", dict)):
+        if not isinstance(d.get(k), t):
+            fail(f"{k!r} must be {t.__name__}, found {type(d.get(k)).__name__}")
+    blocks = [d["points"]] + ([d["teacher_forced"]["points"]] if "teacher_forced" in d else [])
+    for pts in blocks:
+        for i, q in enumerate(pts):
+            if not isinstance(q, dict) or set(q) != set(POINT_KEYS):
+                fail(f"point {i} must have exactly the keys {list(POINT_KEYS)}, found {sorted(q) if isinstance(q, dict) else q!r}")
+            for k in ("method", "setting"):
+                if not isinstance(q[k], str):
+                    fail(f"point {i} {k!r} must be str")
+            for k in ("kv_bits_per_value", "kv_bytes_per_token", "ppl"):
+                if not isinstance(q[k], float) and q[k] is not None:
+                    fail(f"point {i} {k!r} must be float, found {q[k]!r}")
+            if not isinstance(q["pareto"], bool):
+                fail(f"point {i} 'pareto' must be bool")
+
+
+def write_frontier_json(path: Any, result: dict[str, Any]) -> None:
+    """Validate, then write atomically (non-finite floats as null)."""
+    from pathlib import Path
+
+    from kvsplice.evaluate.report import _atomic_write_bytes, _finite
+
+    validate_frontier(result)
+    _atomic_write_bytes(Path(path), (json.dumps(_finite(result), indent=2) + "\n").encode("utf-8"))

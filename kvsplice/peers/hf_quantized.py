@@ -1,0 +1,103 @@
+"""transformers' own `QuantizedCache` (quanto or HQQ backend), measured in the same harness.
+
+`MeasuredQuantizedCache` is transformers' class unchanged plus a `memory()` that counts the bytes
+of the tensors each layer actually holds:
+  * quantised K and V: for optimum-quanto, every plain tensor inside the `WeightQBitsTensor`
+    (packed uint8 data, scale, shift), found by recursive `__tensor_flatten__`; for HQQ, the packed
+    tensor plus every tensor in its meta dict (scale, zero);
+  * the full-precision residual (`layer.keys` / `layer.values`, model dtype).
+Honest caveats (also in the docs): transformers' layer re-quantises ALL previous tokens from their
+dequantised values each time the residual fills (error can compound), quantises groups along
+the axis the backend picks (`axis_key`/`axis_value`, per-channel groups of `q_group_size` in its
+own layout), and reads its first (prefill) step in full precision. What is counted is what is held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import QuantizedCache
+
+from kvsplice.cache import CacheMemory
+from kvsplice.peers.base import Peer, PeerError, check_choice, check_int, register_peer
+
+BACKENDS = ("quanto", "hqq")
+
+
+def held_nbytes(obj: Any) -> int:
+    """Bytes of every plain tensor reachable from obj (tensor subclasses are flattened)."""
+    if obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) or not hasattr(obj, "__tensor_flatten__"):
+            return int(obj.nbytes)
+        names, _ = obj.__tensor_flatten__()
+        return sum(held_nbytes(getattr(obj, n)) for n in names)
+    if isinstance(obj, (tuple, list)):
+        return sum(held_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(held_nbytes(v) for v in obj.values() if isinstance(v, (torch.Tensor, tuple, list, dict)))
+    return 0
+
+
+class MeasuredQuantizedCache(QuantizedCache):
+    """transformers.QuantizedCache + `memory()` (bytes held). Records the batch size, KV heads,
+    head_dim and dtype of the states it is given (the quantised layers do not keep them)."""
+
+    pruner = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self._layout = (key_states.shape[0], key_states.shape[1], key_states.shape[3], key_states.element_size())
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def memory(self) -> CacheMemory:
+        k = v = kw = vw = unc = tokens = 0
+        B, H, D, elem = getattr(self, "_layout", (0, 0, 0, 0))
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            k += held_nbytes(layer._quantized_keys)
+            v += held_nbytes(layer._quantized_values)
+            kw += int(layer.keys.nbytes)
+            vw += int(layer.values.nbytes)
+            tokens = int(layer.cumulative_length)
+            unc += 2 * tokens * B * elem * H * D
+        return CacheMemory(k_bytes=k, v_bytes=v, index_bytes=0, window_bytes=kw + vw, v_window_bytes=vw,
+                           other_bytes=0, total_bytes=k + v + kw + vw, uncompressed_bytes=unc, tokens=tokens, batch=B)
+
+
+@register_peer
+@dataclass
+class HFQuantized(Peer):
+    """backend: "quanto" (bits 2 or 4) | "hqq" (1, 2, 3, 4, 8); group: q_group_size;
+    residual: residual_length (tokens kept in full precision before a re-quantisation)."""
+
+    name = "hf-quantized"
+    backend: str = "quanto"
+    bits: int = 4
+    group: int = 64
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        check_choice("HFQuantized", "backend", self.backend, BACKENDS)
+        allowed = (2, 4) if self.backend == "quanto" else (1, 2, 3, 4, 8)
+        if self.bits not in allowed:
+            raise PeerError(f"HFQuantized: backend {self.backend} takes bits in {allowed}, got {self.bits!r}")
+        check_int("HFQuantized", "group", self.group, 1)
+        check_int("HFQuantized", "residual", self.residual, 1)
+
+    def setting(self) -> str:
+        return f"{self.backend} {self.bits}-bit g={self.group} R={self.residual}"
+
+    def cache_factory(self, model: Any) -> Callable[[], MeasuredQuantizedCache]:
+        cfg = model.config
+        kw = dict(nbits=self.bits, q_group_size=self.group, residual_length=self.residual)
+        if self.backend == "hqq":
+            kw.update(axis_key=1, axis_value=1)
+        else:
+            kw.update(axis_key=0, axis_value=0)
+        make = lambda: MeasuredQuantizedCache(self.backend, cfg, **kw)  # noqa: E731
+        make()  # fail early (missing backend package, bad layout)
+        return make

@@ -1,0 +1,208 @@
+"""KIVI-style asymmetric KV quantisation (Liu et al. 2024, "KIVI: a tuning-free asymmetric 2bit
+quantization for KV cache"), re-implemented on kvsplice's quantiser primitives (codecs/quant.py).
+
+Per layer, shapes B batch, H KV heads, D head_dim, g = `group` tokens, R = `residual` tokens:
+
+    K : per-CHANNEL min-max quantisation: every group of g consecutive tokens gets, for each
+        (head, channel), an fp16 minimum and an fp16 step  -> codes (B, H, Tq, ceil(D*b/8)) uint8,
+                                                               lo/step (B, H, Tq/g, D) fp16
+    V : per-TOKEN min-max quantisation, one fp16 min/step per `v_group` channels of a token
+                                                            -> codes (B, H, Tv, ceil(D*b/8)) uint8,
+                                                               lo/step (B, H, Tv, D/v_group) fp16
+    residual: the newest tokens stay in full precision (model dtype): V keeps exactly the newest R;
+        K keeps the newest R plus the < g tokens of an incomplete group (K groups run along tokens,
+        so a group is quantised only once its g tokens exist and are older than the residual).
+
+As in KIVI, a step's own new tokens are read in full precision (prefill attention is exact; decode
+tokens enter the residual anyway); everything stored before the step is read dequantised.
+The dequantised copy is transient (rebuilt per step, dropped after attention), never held.
+Teacher-forced evaluation is NOT exact for this cache (a window's queries would read K groups whose
+scales include later tokens and no residual): use prefill-continue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvsplice.cache import CacheMemory, model_layout
+from kvsplice.codecs.quant import dequantize_minmax, pack_codes, quantize_minmax, unpack_codes
+from kvsplice.peers.base import Peer, PeerError, check_int, register_peer
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=2)
+
+
+class KIVILayer(CacheLayerMixin):
+    """One layer of a `KIVICache` (see module docstring). bits in 1..8; group, residual >= 0 tokens;
+    v_group: channels per V scale (None: the whole head vector)."""
+
+    is_sliding = False
+
+    def __init__(self, bits: int, group: int, residual: int, v_group: int | None = None) -> None:
+        super().__init__()
+        self.bits, self.group, self.residual, self.v_group = bits, group, residual, v_group
+        self.reset()
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None  # unused: storage below
+        self.k_codes = self.k_lo = self.k_step = None  # (B, H, Tq, nb) uint8 ; (B, H, Tq/g, D) fp16
+        self.v_codes = self.v_lo = self.v_step = None  # (B, H, Tv, nb) uint8 ; (B, H, Tv, D/vg) fp16
+        self.k_raw = self.v_raw = None  # (B, H, *, D) model dtype
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+        if self.v_group is not None and self.head_dim % self.v_group:
+            raise PeerError(f"KIVI v_group={self.v_group} must divide head_dim={self.head_dim}")
+        self.k_raw, self.v_raw = key_states[:, :, :0], value_states[:, :, :0]
+        self.is_initialized = True
+
+    # -- storage ---------------------------------------------------------------------------------
+    def _read_k(self) -> torch.Tensor:
+        """(B, H, S, D): dequantised K groups, then raw K."""
+        if self.k_codes is None:
+            return self.k_raw
+        B, H, Tq, _ = self.k_codes.shape
+        D, g = self.head_dim, self.group
+        codes = unpack_codes(self.k_codes, self.bits, D).view(B, H, Tq // g, g, D).transpose(3, 4)  # (B,H,G,D,g)
+        k = dequantize_minmax(codes, self.k_lo.unsqueeze(-1), self.k_step.unsqueeze(-1))  # (B, H, G, D, g)
+        return torch.cat([k.transpose(3, 4).reshape(B, H, Tq, D).to(self.dtype), self.k_raw], dim=2)
+
+    def _read_v(self) -> torch.Tensor:
+        if self.v_codes is None:
+            return self.v_raw
+        codes = unpack_codes(self.v_codes, self.bits, self.head_dim)
+        v = dequantize_minmax(codes, self.v_lo, self.v_step, self.v_group)
+        return torch.cat([v.to(self.dtype), self.v_raw], dim=2)
+
+    def _spill(self) -> None:
+        """Quantise K groups and V tokens that left the residual window."""
+        B, H, Tk, D = self.k_raw.shape
+        n_groups = max(Tk - self.residual, 0) // self.group if self.group else 0
+        if n_groups:
+            n = n_groups * self.group
+            x = self.k_raw[:, :, :n].view(B, H, n_groups, self.group, D).transpose(3, 4)  # (B, H, G, D, g)
+            codes, lo, step = quantize_minmax(x, self.bits)  # lo/step (B, H, G, D, 1)
+            packed = pack_codes(codes.transpose(3, 4).reshape(B, H, n, D), self.bits)
+            self.k_codes = _cat(self.k_codes, packed)
+            self.k_lo, self.k_step = _cat(self.k_lo, lo.squeeze(-1)), _cat(self.k_step, step.squeeze(-1))
+            self.k_raw = self.k_raw[:, :, n:]
+        n = self.v_raw.shape[2] - self.residual
+        if n > 0:
+            codes, lo, step = quantize_minmax(self.v_raw[:, :, :n], self.bits, self.v_group)
+            self.v_codes = _cat(self.v_codes, pack_codes(codes, self.bits))
+            self.v_lo, self.v_step = _cat(self.v_lo, lo), _cat(self.v_step, step)
+            self.v_raw = self.v_raw[:, :, n:]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's K/V (B, H, q, D); return every row (B, H, S + q, D), the step's own exact."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k_out = torch.cat([self._read_k(), key_states], dim=2)
+        v_out = torch.cat([self._read_v(), value_states], dim=2)
+        self.k_raw = torch.cat([self.k_raw, key_states], dim=2)
+        self.v_raw = torch.cat([self.v_raw, value_states], dim=2)
+        self.length += key_states.shape[2]
+        self._spill()
+        return k_out, v_out
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"k_codes": self.k_codes, "k_lo": self.k_lo, "k_step": self.k_step, "k_raw": self.k_raw,
+                "v_codes": self.v_codes, "v_lo": self.v_lo, "v_step": self.v_step, "v_raw": self.v_raw}
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for name, t in self._tensors().items():
+            if t is not None:
+                setattr(self, name, fn(t))
+        if self.is_initialized:
+            self.batch_size = self.k_raw.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("KIVICache cannot be cropped (rows are quantised in groups)")
+
+    def memory(self) -> dict[str, int]:
+        t = {k: (int(v.nbytes) if v is not None else 0) for k, v in self._tensors().items()}
+        elem = torch.empty((), dtype=self.dtype).element_size() if self.is_initialized else 0
+        return {
+            "k_bytes": t["k_codes"] + t["k_lo"] + t["k_step"],
+            "v_bytes": t["v_codes"] + t["v_lo"] + t["v_step"],
+            "index_bytes": 0,
+            "window_bytes": t["k_raw"] + t["v_raw"],
+            "v_window_bytes": t["v_raw"],
+            "other_bytes": 0,
+            "uncompressed_bytes": 2 * self.length * elem * self.num_heads * self.head_dim * self.batch_size
+            if self.is_initialized else 0,
+        }
+
+
+class KIVICache(Cache):
+    """transformers Cache of `KIVILayer`s; `memory()` -> CacheMemory (bytes of every held tensor)."""
+
+    def __init__(self, num_layers: int, bits: int = 2, group: int = 32, residual: int = 32, v_group: int | None = None) -> None:
+        KIVI(bits=bits, group=group, residual=residual, v_group=v_group)  # validates
+        self.pruner = None
+        super().__init__(layers=[KIVILayer(bits, group, residual, v_group) for _ in range(num_layers)])
+
+    def memory(self) -> CacheMemory:
+        per = [layer.memory() for layer in self.layers]
+        tot = {k: sum(p[k] for p in per) for k in per[0]}
+        total = tot["k_bytes"] + tot["v_bytes"] + tot["index_bytes"] + tot["window_bytes"] + tot["other_bytes"]
+        first = self.layers[0]
+        return CacheMemory(total_bytes=total, tokens=first.length,
+                           batch=first.batch_size if first.is_initialized else 0, **tot)
+
+
+@register_peer
+@dataclass
+class KIVI(Peer):
+    """bits: code width (KIVI uses 2 and 4); group: K tokens per per-channel scale group (KIVI: 32);
+    residual: newest tokens kept in full precision (KIVI: 32..128); v_group: V channels per scale
+    (None: whole head vector, as kvsplice's "uniform")."""
+
+    name = "kivi"
+    bits: int = 2
+    group: int = 32
+    residual: int = 32
+    v_group: int | None = None
+
+    def __post_init__(self) -> None:
+        check_int("KIVI", "bits", self.bits, 1)
+        if self.bits > 8:
+            raise PeerError(f"KIVI.bits must be in 1..8, got {self.bits}")
+        check_int("KIVI", "group", self.group, 1)
+        check_int("KIVI", "residual", self.residual, 0)
+        if self.v_group is not None:
+            check_int("KIVI", "v_group", self.v_group, 1)
+
+    def setting(self) -> str:
+        return f"{self.bits}-bit g={self.group} R={self.residual}" + (f" vg={self.v_group}" if self.v_group else "")
+
+    def cache_factory(self, model: Any) -> Callable[[], KIVICache]:
+        layers = model_layout(model)[0]
+        return lambda: KIVICache(layers, self.bits, self.group, self.residual, self.v_group)
