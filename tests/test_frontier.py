@@ -162,3 +162,28 @@ def test_frontier_quick_on_tiny_model(tmp_path, capsys):
     assert tf_methods == {"baseline", "spline-pca-q", "pca-q:K", "uniform-int", "seed-pca"}  # exact settings only
     assert d["global_pareto"] and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Pareto" in capsys.readouterr().out
+
+
+def test_warp_sharing_equals_a_fresh_fit():
+    import torch
+
+    from kvsplice.calibrate import CalibrationConfig, fit_geometry
+    from kvsplice.evaluate.frontier import fit_geometry_sharing_warp
+
+    g = torch.Generator().manual_seed(0)
+    vectors = {(0, -1): torch.randn(600, 16, generator=g) ** 3, (1, -1): torch.randn(600, 16, generator=g).exp()}
+
+    def cfg(bits):
+        return CalibrationConfig(codec="spline-pca-q", rank=1, fit_samples_per_dim=None, joint_heads=True,
+                                 codec_params={"bits": bits, "warp_params": {"epochs": 1}})
+
+    donor = fit_geometry(vectors, cfg(2.0), {"num_kv_heads": "1"})
+    fresh = fit_geometry(vectors, cfg(4.0), {"num_kv_heads": "1"})
+    shared = fit_geometry_sharing_warp(vectors, cfg(4.0), {"num_kv_heads": "1"}, donor)
+    for key in vectors:
+        a, b = fresh.codecs[key].state_tensors(), shared.codecs[key].state_tensors()
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+        x = vectors[key][:5]
+        assert torch.equal(fresh.codecs[key].encode(x)["codes"], shared.codecs[key].encode(x)["codes"])

@@ -40,6 +40,7 @@ __all__ = [
     "pareto_flags", "run_frontier", "validate_frontier", "write_frontier_json", "POINT_KEYS",
 ]
 
+SHAREABLE_WARPS = ("spline", "bennett")  # warps fitted on the data alone (not on the bit budget)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,6 +64,7 @@ class _Calibration:
         self.cfg, self.model, self.tokenizer, self.log, self.progress = cfg, model, tokenizer, log, progress
         self.collected: dict[str, Any] = {}
         self.geometries: dict[str, Any] = {}
+        self.warps: dict[str, Any] = {}  # geometries whose trained warps later bit budgets reuse
         self.info: dict[str, Any] = {}
 
     def _collect(self, target: str) -> Any:
@@ -80,12 +82,16 @@ class _Calibration:
 
     def geometry(self, s: dict[str, Any], target: str) -> Any:
         from kvsplice.calibrate import CalibrationConfig, fit_geometry, split_heads
+        from kvsplice.codecs.base import CODECS
         from kvsplice.data import describe_default
         from kvsplice.loading import model_id
         from kvsplice.models import get_adapter
 
         joint = bool(s.get("joint_heads", False))
         codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "k")}
+        if getattr(CODECS[s["codec"]], "default_warp", None) == "spline" and "warp" not in codec_params:
+            # the seed spline inside a transform coder: train it like the seed's spline-pca rows
+            codec_params.setdefault("warp_params", {k: self.cfg.calibration[k] for k in ("epochs", "knots") if k in self.cfg.calibration})
         key = json.dumps([s["codec"], target, joint, s.get("k"), codec_params], sort_keys=True)
         if key not in self.geometries:
             col = self._collect(target)
@@ -96,11 +102,48 @@ class _Calibration:
             meta = {"model": model_id(self.model), **{k: str(v) for k, v in get_adapter(self.model).layout().items()},
                     "calibration": "files" if self.cfg.calibration_data else describe_default("calibration"),
                     "tokens": str(col.tokens)}
+            warp_key = json.dumps([s["codec"], target, joint, {k: v for k, v in codec_params.items() if k != "bits"}], sort_keys=True)
             t0 = time.perf_counter()
-            self.geometries[key] = fit_geometry(split_heads(col, joint), ccfg, meta)
+            donor = self.warps.get(warp_key)
+            if donor is not None:
+                geo = fit_geometry_sharing_warp(split_heads(col, joint), ccfg, meta, donor)
+            else:
+                geo = fit_geometry(split_heads(col, joint), ccfg, meta)
+                if getattr(getattr(next(iter(geo.codecs.values())), "warp", None), "kind", None) in SHAREABLE_WARPS:
+                    self.warps[warp_key] = geo
+            self.geometries[key] = geo
             self.info.setdefault("fit_seconds", {})[key] = round(time.perf_counter() - t0, 2)
-            self.log(f"fitted {s['codec']} {target.upper()} {codec_params or {'k': s.get('k')}} joint={joint} in {time.perf_counter() - t0:.1f} s")
+            self.log(f"fitted {s['codec']} {target.upper()} {codec_params or {'k': s.get('k')}} joint={joint} "
+                     f"in {time.perf_counter() - t0:.1f} s{' (warp reused)' if donor is not None else ''}")
         return self.geometries[key]
+
+
+def fit_geometry_sharing_warp(vectors: dict[tuple[int, int], torch.Tensor], ccfg: Any, meta: dict[str, str], donor: Any) -> Any:
+    """Like `calibrate.fit_geometry` for a transform coder (codecs/transform.py), but each codec takes
+    the already trained warp of `donor`'s codec for the same key instead of training it again: the
+    warp does not depend on the bit budget ("spline" is trained for truncation), so the result equals
+    a fresh fit with the same seed, minus the training time. Uses the transform coder's quantiser fit
+    (`_fit_quantiser`); any other codec falls back to `fit_geometry`."""
+    from kvsplice.calibrate import fit_geometry
+    from kvsplice.codecs import get_codec
+    from kvsplice.geometry import Geometry
+
+    kwargs = ccfg.codec_kwargs()
+    codecs = {}
+    for key, x in sorted(vectors.items()):
+        c, d = get_codec(ccfg.codec, **kwargs), donor.codecs.get(key)
+        if d is None or not hasattr(c, "_fit_quantiser") or getattr(getattr(d, "warp", None), "kind", None) not in SHAREABLE_WARPS \
+                or d.warp.kind != c.warp.kind:
+            return fit_geometry(vectors, ccfg, meta)
+        c.code_bits(x.shape[1])
+        c.warp = d.warp
+        c._fit_quantiser(c.warp.forward(x))
+        c.dim = x.shape[1]
+        c.info.update(c.warp.info)
+        codecs[key] = c
+    meta = {**donor.meta, **meta, "codec_params": json.dumps(kwargs, sort_keys=True),
+            "calibration_config": json.dumps(ccfg.to_dict(), sort_keys=True)}
+    return Geometry(codecs=codecs, meta={k: str(v) for k, v in meta.items()})
 
 
 def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable[[], Any]:
