@@ -106,6 +106,10 @@ class LayerCodec:
             return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         return torch.stack([c.decode({k: v[:, h] for k, v in payload.items()}) for h, c in enumerate(self.codecs)], 1)
 
+    def skip(self, n: int) -> None:
+        """n rows of the sequence bypass this codec (kept exact as attention sinks). Position-aware
+        codecs (kvsplice/kcodec.py) advance their position counter; others need nothing."""
+
     def bytes_per_token(self, dtype: torch.dtype = torch.float32) -> float:
         """Payload bytes of one token (all KV heads of the layer) when the cache runs in `dtype`."""
         return float(sum(c.payload_bytes_per_vector(dtype) for c in self.codecs))
@@ -123,26 +127,31 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class _Rows:
-    """K or V rows of one layer, in token order: codec payload (older rows), then raw rows (the newest
-    `window`, plus, under strategy A, the current step's rows until the selection). Without a codec
-    every row is raw."""
+    """K or V rows of one layer, in token order: the first `sink` rows exact (attention sinks), codec
+    payload (older rows), then raw rows (the newest `window`, plus, under strategy A, the current step's
+    rows until the selection). Without a codec every row is raw."""
 
-    def __init__(self, codec: LayerCodec | None, window: int) -> None:
-        self.codec, self.window = codec, window
+    def __init__(self, codec: LayerCodec | None, window: int, sink: int = 0) -> None:
+        self.codec, self.window, self.sink = codec, window, sink
         self.payload: dict[str, torch.Tensor] | None = None  # {name: (B, H', P, *)}
         self.raw: torch.Tensor | None = None  # (B, H, R, D)
+        self.head: torch.Tensor | None = None  # (B, H, <= sink, D): the first rows, never encoded
 
     def init(self, like: torch.Tensor, what: str) -> None:
         if self.codec is not None:
             self.codec.check(like.shape[1], like.shape[3], what)
             self.codec = self.codec.to(like.device, like.dtype)
-        self.payload, self.raw = None, like[:, :, :0]
+        self.payload, self.raw, self.head = None, like[:, :, :0], like[:, :, :0]
 
     @property
     def num_payload(self) -> int:
         return 0 if self.payload is None else next(iter(self.payload.values())).shape[2]
 
     def push(self, x: torch.Tensor, encode_now: bool = True) -> None:
+        n = min(self.sink - self.head.shape[2], x.shape[2]) if self.codec is not None else 0
+        if n > 0:  # the sequence's first rows: kept exact; the codec learns their positions were used
+            self.head, x = torch.cat([self.head, x[:, :, :n]], dim=2), x[:, :, n:]
+            self.codec.skip(n)
         self.raw = torch.cat([self.raw, x], dim=2)
         if encode_now:
             self._spill()
@@ -158,10 +167,11 @@ class _Rows:
         self.payload = enc if self.payload is None else {k: torch.cat([v, enc[k]], 2) for k, v in self.payload.items()}
 
     def read(self) -> torch.Tensor:
-        """(B, H, S, D) in the model dtype: decoded payload, then raw rows."""
-        if self.payload is None:
-            return self.raw
-        return torch.cat([self.codec.decode(self.payload).to(self.raw.dtype), self.raw], dim=2)
+        """(B, H, S, D) in the model dtype: sink rows, decoded payload, then raw rows."""
+        parts = [self.head] if self.head is not None and self.head.shape[2] else []
+        if self.payload is not None:
+            parts.append(self.codec.decode(self.payload).to(self.raw.dtype))
+        return torch.cat(parts + [self.raw], dim=2) if parts else self.raw
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep rows idx (B, G, K), ascending; encode kept raw rows that leave the window."""
@@ -185,15 +195,15 @@ class _Rows:
         self.raw = new_raw
 
     def nbytes(self) -> tuple[int, int]:
-        """(payload bytes, raw bytes) actually held."""
+        """(payload bytes, raw bytes: window + sink rows) actually held."""
         p = sum(v.nbytes for v in self.payload.values()) if self.payload is not None else 0
-        return p, (self.raw.nbytes if self.raw is not None else 0)
+        return p, sum(t.nbytes for t in (self.raw, self.head) if t is not None)
 
     def map_batch(self, fn) -> None:
         if self.payload is not None:
             self.payload = {k: fn(v) for k, v in self.payload.items()}
         if self.raw is not None:
-            self.raw = fn(self.raw)
+            self.raw, self.head = fn(self.raw), fn(self.head)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -209,10 +219,11 @@ class CompressedLayer(CacheLayerMixin):
         window: int = 0,
         strategy: str = "A",
         layer_idx: int | None = None,
+        sink: int = 0,
     ) -> None:
         super().__init__()
         self.v_codec, self.k_codec, self.pruner = v_codec, k_codec, pruner
-        self.window, self.strategy, self.layer_idx = window, strategy, layer_idx
+        self.window, self.strategy, self.layer_idx, self.sink = window, strategy, layer_idx, sink
         # pruning with a joint codec: one row set shared by the layer's heads (a joint payload row
         # holds every head of a token)
         self.shared_selection = any(c is not None and c.joint for c in (v_codec, k_codec))
@@ -221,7 +232,8 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.keys = self.values = None  # not used: rows live in k_rows / v_rows
-        self.k_rows, self.v_rows = _Rows(self.k_codec, self.window), _Rows(self.v_codec, self.window)
+        self.k_rows = _Rows(self.k_codec, self.window, self.sink)
+        self.v_rows = _Rows(self.v_codec, self.window, self.sink)
         self.length = 0  # logical tokens per sequence
         self.positions = self.mass = self.exposure = None  # (B, G, S), pruning only
         self.key_positions = None  # (B, G, S + q) while a step awaits its selection
@@ -344,7 +356,7 @@ class CacheMemory:
     """Bytes actually held by a cache's tensors (all layers), and the uncompressed equivalent.
 
     k_bytes: K rows (raw, or K codec payload). v_bytes: V codec payload (raw V for layers without codec).
-    window_bytes: full-precision window rows of codec'd K/V (v_window_bytes: the V part of it).
+    window_bytes: full-precision window and sink rows of codec'd K/V (v_window_bytes: the V part of it).
     index_bytes: kept-row positions (pruning). other_bytes: pruning statistics (mass, exposure).
     total_bytes: k + v + index + window + other. uncompressed_bytes: what a DynamicCache in the model
     dtype holds for the same tokens. tokens: logical length per sequence. batch: sequences.
@@ -394,6 +406,9 @@ class CompressedCache(Cache):
     num_layers: decoder layers. v_codecs / k_codecs: one LayerCodec (or None: stored raw) per layer.
     pruner: VOnlyPruner (needs `kvsplice.attention.prepare_model(model)`). window: newest rows kept in
     full precision (with a pruner, window <= pruner.recency). strategy: "A" or "B" (module docstring).
+    sink: the first `sink` rows of every sequence kept in full precision (the attention-sink token:
+    coding it costs far more perplexity than its bytes; not combinable with a pruner). Sink rows are
+    counted in `window_bytes`.
     """
 
     def __init__(
@@ -404,6 +419,7 @@ class CompressedCache(Cache):
         pruner: VOnlyPruner | None = None,
         window: int = 0,
         strategy: str = "A",
+        sink: int = 0,
     ) -> None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise KVSpliceError(f"num_layers must be a positive integer, got {num_layers!r}")
@@ -414,6 +430,10 @@ class CompressedCache(Cache):
                 raise KVSpliceError(f"{name} must be {num_layers} LayerCodec-or-None entries, got {len(cs)}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise KVSpliceError(f"window must be an integer >= 0, got {window!r}")
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise KVSpliceError(f"sink must be an integer >= 0, got {sink!r}")
+        if sink and pruner is not None:
+            raise KVSpliceError(f"sink ({sink}) cannot be combined with a pruner (the pruner decides what is kept)")
         if strategy not in STRATEGIES:
             raise KVSpliceError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if pruner is not None and not isinstance(pruner, VOnlyPruner):
@@ -424,7 +444,7 @@ class CompressedCache(Cache):
             )
         self.pruner, self.window, self.strategy = pruner, window, strategy
         layers = [
-            CompressedLayer(v, k, pruner, window, strategy, i) for i, (v, k) in enumerate(zip(v_codecs, k_codecs))
+            CompressedLayer(v, k, pruner, window, strategy, i, sink) for i, (v, k) in enumerate(zip(v_codecs, k_codecs))
         ]
         super().__init__(layers=layers)
 
@@ -437,6 +457,7 @@ class CompressedCache(Cache):
         pruner: VOnlyPruner | None = None,
         window: int = 0,
         strategy: str = "A",
+        sink: int = 0,
     ) -> "CompressedCache":
         """Build a cache for `model` from V / K geometries; GeometryError before any compute when a
         geometry was made for another layout (layers, KV heads, head_dim) or the wrong target."""
@@ -461,7 +482,7 @@ class CompressedCache(Cache):
                         f"the model has {num_heads} KV heads of dim {head_dim}"
                     )
             codecs[target] = per_layer
-        return cls(num_layers, codecs["v"], codecs["k"], pruner=pruner, window=window, strategy=strategy)
+        return cls(num_layers, codecs["v"], codecs["k"], pruner=pruner, window=window, strategy=strategy, sink=sink)
 
     def memory(self) -> CacheMemory:
         """Bytes held now (sum of tensor.nbytes), all layers."""

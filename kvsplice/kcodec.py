@@ -28,6 +28,9 @@ from kvsplice.cache import LayerCodec, model_layout
 from kvsplice.errors import GeometryError
 
 
+_TABLES: dict[tuple, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}  # (rotary id, device, dtype) -> (module, cos, sin)
+
+
 def find_rotary(model: nn.Module) -> nn.Module | None:
     """The model's (first) rotary-embedding module, or None (e.g. GPT-2)."""
     for name, mod in model.named_modules():
@@ -50,20 +53,24 @@ class PreRopeLayerCodec(LayerCodec):
         super().__init__(inner.codecs, inner.joint, inner.num_heads if inner.joint else None)
         self.rotary = rotary
         self.encoded = 0  # rows encoded so far = position of the next row
-        self._cos = self._sin = None  # (P, D) tables
+        self.first = 0  # position of the first payload row (rows before it are the cache's sink)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "PreRopeLayerCodec":
         return PreRopeLayerCodec(super().to(device, dtype), self.rotary)
 
     def _tables(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (n, D) for positions 0..n-1 (grown geometrically, kept in like's dtype/device)."""
-        if self._cos is None or self._cos.shape[0] < n or self._cos.device != like.device:
-            m = max(n, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
+        """cos, sin (n, D) for positions 0..n-1, from one table per (rotary module, device, dtype)
+        shared by every layer and cache (grown geometrically). Model-side constants like RoPE itself,
+        not per-sequence state: not counted in the cache's bytes."""
+        key = (id(self.rotary), like.device, like.dtype)
+        entry = _TABLES.get(key)
+        if entry is None or entry[1].shape[0] < n:
+            m = max(n, 2 * (entry[1].shape[0] if entry is not None else 0), 256)
             pos = torch.arange(m, device=like.device)[None]
             with torch.no_grad():
                 cos, sin = self.rotary(like.new_zeros(1, m, like.shape[-1]), pos)
-            self._cos, self._sin = cos[0].to(like.dtype), sin[0].to(like.dtype)
-        return self._cos[:n], self._sin[:n]
+            entry = _TABLES[key] = (self.rotary, cos[0].to(like.dtype), sin[0].to(like.dtype))
+        return entry[1][:n], entry[2][:n]
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, H, T, D): post-RoPE K of the next T positions."""
@@ -74,9 +81,17 @@ class PreRopeLayerCodec(LayerCodec):
         self.encoded += T
         return super().encode(pre)
 
+    def skip(self, n: int) -> None:
+        """n leading rows are kept exact by the cache (sink): the payload starts at position `first`."""
+        if self.encoded != self.first:
+            raise GeometryError("internal: sink rows must come before any encoded row")
+        self.encoded += n
+        self.first += n
+
     def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
         pre = super().decode(payload)  # (B, H, P, D)
-        cos, sin = self._tables(pre.shape[2], pre)
+        cos, sin = self._tables(self.first + pre.shape[2], pre)
+        cos, sin = cos[self.first :], sin[self.first :]
         return pre * cos + _rotate_half(pre) * sin
 
 

@@ -281,3 +281,52 @@ def test_bad_arguments():
     cache = CompressedCache(2, pca_codecs(make_tiny_gpt2(), 2))  # head_dim 8, 4 heads vs llama's 2 KV heads
     with pytest.raises(KVSpliceError, match="expects 4 heads of dim 8"):
         model(torch.randint(3, 200, (1, 4)), cache=cache)
+
+
+def _k_is_pre_rope_exact(model):
+    """Llama K codecs behind PreRopeLayerCodec, full-rank pca (exact up to float rounding)."""
+    from kvsplice.kcodec import PreRopeLayerCodec, find_rotary
+
+    L, H, D = layout(model)
+    return [PreRopeLayerCodec(lc, find_rotary(model)) for lc in pca_codecs(model, k=D)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sink_rows_are_exact_and_counted(arch):
+    """The first `sink` tokens bypass the codec: read back bit-exact, held in full precision and
+    counted in window_bytes; the rest goes through the codec."""
+    model = MAKERS[arch]()
+    L, H, D = layout(model)
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(5))
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        feed(model, ids, ref, [1, 4, 1, 6])
+    cache = CompressedCache(L, pca_codecs(model, k=2), pca_codecs(model, k=2, seed=1), sink=2)
+    with torch.no_grad():
+        feed(model, ids, cache, [1, 4, 1, 6])
+    layer = cache.layers[0]
+    k_read, v_read = layer.k_rows.read(), layer.v_rows.read()
+    assert k_read.shape[2] == v_read.shape[2] == 12
+    torch.testing.assert_close(k_read[:, :, :2], ref.layers[0].keys[:, :, :2], atol=0, rtol=0)
+    torch.testing.assert_close(v_read[:, :, :2], ref.layers[0].values[:, :, :2], atol=0, rtol=0)
+    assert (k_read[:, :, 2:] - ref.layers[0].keys[:, :, 2:]).abs().max() > 1e-3  # the rest is coded (k=2 of D)
+    mem = cache.memory()
+    assert mem.window_bytes == L * 2 * (2 * H * D * F32)  # K and V sink rows of every layer
+    assert mem.v_bytes == L * 10 * H * 2 * F32  # 10 coded rows, k = 2 latents per head
+
+
+def test_sink_with_pre_rope_k_codec_keeps_positions():
+    """A sink shifts the positions of the first coded K row: exact K codecs must still match DynamicCache."""
+    model = make_tiny_llama()
+    L = model.config.num_hidden_layers
+    ids = torch.randint(3, 200, (1, 14), generator=torch.Generator().manual_seed(6))
+    ref = feed(model, ids, DynamicCache(config=model.config), [5, 1, 8])
+    cache = CompressedCache(L, identity_codecs(model), _k_is_pre_rope_exact(model), sink=3)
+    with torch.no_grad():
+        got = feed(model, ids, cache, [5, 1, 8])
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_sink_with_pruner_is_refused():
+    with pytest.raises(KVSpliceError, match="sink"):
+        CompressedCache(2, pruner=VOnlyPruner(), sink=1)

@@ -187,3 +187,14 @@ def test_warp_sharing_equals_a_fresh_fit():
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
         x = vectors[key][:5]
         assert torch.equal(fresh.codecs[key].encode(x)["codes"], shared.codecs[key].encode(x)["codes"])
+
+
+def test_bad_settings_fail_before_any_compute():
+    with pytest.raises(Exception, match="budget"):
+        MethodSpec("a", "peer", {"budget": [1.5]}, {"peer": "h2o"})
+    with pytest.raises(Exception, match="budget is only defined"):
+        MethodSpec("a", "peer", {"budget": [0.5]}, {"peer": "kivi"})
+    with pytest.raises(Exception, match="unknown key"):
+        MethodSpec("a", "prune", {"keep_ratio": [0.5]}, {"recent": 3})
+    with pytest.raises(Exception, match="bits"):
+        MethodSpec("a", "codec", {"bits": [0.0]}, {"codec": "pca-q"})

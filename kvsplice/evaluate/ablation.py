@@ -148,7 +148,7 @@ def default_rows() -> list[RowSpec]:
 
 
 def _default_calibration() -> dict[str, Any]:
-    return {"samples": 24576, "max_batches": 8, "fit_samples_per_dim": 2000, "epochs": 8, "knots": 7}
+    return {"samples": 12288, "max_batches": 4, "fit_samples_per_dim": 2000, "epochs": 8, "knots": 7}
 
 
 @dataclass

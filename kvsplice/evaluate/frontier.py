@@ -224,8 +224,7 @@ def run_frontier(
                 make = _codec_factory(model, s, cal)
                 exact = not s.get("window")
             elif m.kind == "prune":
-                pr = {k: v for k, v in s.items() if k in ("keep_ratio", "recency", "k_min", "exposure_correction", "ema")}
-                make = lambda pr=pr: CompressedCache(layers, pruner=VOnlyPruner(**pr))  # noqa: E731
+                make = lambda s=s: CompressedCache(layers, pruner=VOnlyPruner(**s))  # noqa: E731
             else:
                 peer = _make_peer(s, tokens_end)
                 make = peer.cache_factory(model)

@@ -89,9 +89,17 @@ class MethodSpec:
             from kvsplice.peers import peer_names
 
             _check(self.params.get("peer") in peer_names(), f"{w}: params.peer must be one of {peer_names()}, got {self.params.get('peer')!r}")
-        for s in self.settings():  # validates every setting (codec / peer parameters) up front
-            if self.kind == "peer" and "budget" not in s:
-                _make_peer(s, 1)
+        for s in self.settings():  # validate every setting (codec / pruner / peer parameters) up front
+            if self.kind == "peer":
+                _make_peer(s, 1000)
+            elif self.kind == "prune":
+                from kvsplice.pruning import VOnlyPruner
+
+                _from_table(VOnlyPruner, s, f"methods.{self.name}")
+            else:
+                from kvsplice.codecs import get_codec
+
+                get_codec(s["codec"], **{k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window")})
 
     def settings(self) -> list[dict[str, Any]]:
         (key, values), = self.sweep.items()
@@ -125,7 +133,7 @@ class FrontierProtocol:
     teacher-forced (exact settings only): `tf_windows` windows of `tf_window` tokens."""
 
     prefill: int = 512
-    continue_tokens: int = 256
+    continue_tokens: int = 128
     chunk: int = 16
     segments: int = 4
     batch_size: int = 4

@@ -20,6 +20,7 @@ def plot_frontier_json(path: str | os.PathLike, result: dict[str, Any], title: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     pts = [q for q in result.get("points", []) if q["ppl"] is not None and math.isfinite(q["ppl"])]
     if not pts:
@@ -42,6 +43,7 @@ def plot_frontier_json(path: str | os.PathLike, result: dict[str, Any], title: s
         ax.scatter(gx, gy, s=110, facecolors="none", edgecolors="black", linewidths=1.3, zorder=4, label="Pareto (all methods)")
         ax.axhline(result["baseline_ppl"], color="grey", ls="--", lw=0.8, zorder=1)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ys = [q["ppl"] for q in pts]
         if max(ys) / min(ys) > 3:
             ax.set_yscale("log")
@@ -51,6 +53,8 @@ def plot_frontier_json(path: str | os.PathLike, result: dict[str, Any], title: s
         if vpt:
             sec = ax.secondary_xaxis("top", functions=(lambda b: 8.0 * b / vpt, lambda bits: bits * vpt / 8.0))
             sec.set_xlabel("bits per cached K/V value")
+            sec.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            sec.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(round(v, 3))[0] in "1235" else ""))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper right", ncol=2)
         ax.set_title(title or f"KV cache quality per byte: {result.get('model', '')}", fontsize=10)

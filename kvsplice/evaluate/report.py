@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -132,6 +133,15 @@ def format_table(rows: Sequence[EvalRow], baseline: str | None = None, title: st
     return "\n".join(out)
 
 
+def _close(x1: float, y1: float, x2: float, y2: float, xs: Sequence[float], ys: Sequence[float]) -> bool:
+    """Within 5 % of the axis spans of each other (y on a log scale when all positive)."""
+    span_x = (max(xs) - min(xs)) or 1.0
+    logy = all(v > 0 and math.isfinite(v) for v in ys)
+    f = (lambda v: math.log(v)) if logy else (lambda v: v)
+    span_y = (max(map(f, ys)) - min(map(f, ys))) or 1.0
+    return abs(x1 - x2) / span_x < 0.05 and abs(f(y1) - f(y2)) / span_y < 0.05
+
+
 def plot_frontier(path: str | os.PathLike, rows: Sequence[EvalRow], title: str = "") -> None:
     """PNG: perplexity (log scale) vs total KV bytes per token, one labelled point per row. Atomic."""
     import matplotlib
@@ -146,10 +156,17 @@ def plot_frontier(path: str | os.PathLike, rows: Sequence[EvalRow], title: str =
         xs = [r.kv_bytes_per_token for r in rows]
         ys = [r.ppl for r in rows]
         ax.axhline(ys[0], color="grey", lw=0.8, ls="--", zorder=1, label=f"{rows[0].name} (first row)")
-        ax.scatter(xs, ys, s=28, color="tab:blue", zorder=3)
+        # one colour per family (the name without a trailing "-<number>": pca-16, pca-32 -> pca)
+        families = [re.sub(r"-\d+$", "", r.name) for r in rows]
+        palette = dict(zip(dict.fromkeys(families), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+        for fam in dict.fromkeys(families):
+            pts = [(x, y) for x, y, f in zip(xs, ys, families) if f == fam]
+            ax.scatter(*zip(*pts), s=28, color=palette[fam], zorder=3, label=fam if families.count(fam) > 1 else None)
         ax.legend(loc="best", fontsize=8)
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+            # label above the point, or below when a close neighbour lies above it (keeps pairs legible)
+            below = any(_close(x, y, x2, y2, xs, ys) and y2 > y for j, (x2, y2) in enumerate(zip(xs, ys)) if j != i)
+            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, -11 if below else 4), fontsize=8)
         ax.set_xlabel("total KV cache bytes per token (K + V, all layers, measured)")
         ax.set_ylabel("perplexity (log scale)")
         if all(y > 0 and math.isfinite(y) for y in ys):
