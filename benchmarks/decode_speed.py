@@ -2,15 +2,17 @@
 at contexts 512 / 1024 / 2048, measured in the same run and printed as ratios to DynamicCache.
 
     .venv/bin/python benchmarks/decode_speed.py [--model smollm2-135m] [--new-tokens 16]
-        [--contexts 512 1024 2048] [--threads N] [--json results/decode_speed.json]
+        [--contexts 512 1024 2048] [--new-tokens 8] [--threads N] [--json results/decode_speed.json]
 
 Timing: a LogitsProcessor stamps the clock at every generation step; decode tokens/s =
 (new_tokens - 1) / (last stamp - first stamp), so the prefill forward (identical work for every
 cache, and dominant on CPU) is excluded. Each cache is measured once per context after one
 untimed warm-up generate at the smallest context. Ratios < 1 mean slower than DynamicCache.
-Default run: 16 new tokens per context (fewer than a serving benchmark would use, to stay under
-~10 min on a shared 2-core CPU); the numbers are CPU numbers of a Python cache that decodes every
-stored row at every step, not kernel numbers.
+Default run: 8 new tokens per context (far fewer than a serving benchmark would use: the run is
+dominated by 10 caches x 3 prefills and must stay near 10 min on a 2-core CPU; with 16 new tokens it
+took 21 min on a machine shared with other jobs). Ratios from so few steps are noisy (+-30 % seen
+between neighbouring contexts); they are CPU numbers of a Python cache that decodes every stored
+row at every step, not kernel numbers.
 
 Caches: ours (pca-q / spline-pca-q joint over KV heads on K and V, calibrated here on a small
 sample), per-token int4, KIVI 2-bit, transformers QuantizedCache (quanto 2-bit, when installed),
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048])
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default="results/decode_speed.json")
     args = ap.parse_args(argv)

@@ -88,7 +88,7 @@ class _Calibration:
         from kvsplice.models import get_adapter
 
         joint = bool(s.get("joint_heads", False))
-        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "k")}
+        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k")}
         if getattr(CODECS[s["codec"]], "default_warp", None) == "spline" and "warp" not in codec_params:
             # the seed spline inside a transform coder: train it like the seed's spline-pca rows
             codec_params.setdefault("warp_params", {k: self.cfg.calibration[k] for k in ("epochs", "knots") if k in self.cfg.calibration})
@@ -158,8 +158,8 @@ def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable
         v = [LayerCodec.from_geometry(geo, l) for l in range(layers)]
     if "k" in target:
         k = k_layer_codecs(model, cal.geometry(s, "k"))
-    window = int(s.get("window", 0))
-    return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window)
+    window, sink = int(s.get("window", 0)), int(s.get("sink", 0))
+    return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window, sink=sink)
 
 
 def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
@@ -167,6 +167,7 @@ def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
     if peer is not None:
         return peer.setting()
     extra = f" window={s['window']}" if s.get("window") else ""
+    extra += f" sink={s['sink']}" if s.get("sink") else ""
     if m.kind == "codec":
         joint = " joint" if s.get("joint_heads") else ""
         return f"{key}={s[key]} {s.get('target', 'v').upper()}{joint}{extra}"

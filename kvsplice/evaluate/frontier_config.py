@@ -83,6 +83,7 @@ class MethodSpec:
             _check(self.params.get("target", "v") in TARGETS, f"{w}: params.target must be one of {TARGETS}")
             _check(isinstance(self.params.get("joint_heads", False), bool), f"{w}: params.joint_heads must be a bool")
             _check(_is_int(self.params.get("window", 0)) and self.params.get("window", 0) >= 0, f"{w}: params.window must be an int >= 0")
+            _check(_is_int(self.params.get("sink", 0)) and self.params.get("sink", 0) >= 0, f"{w}: params.sink must be an int >= 0")
         elif self.kind == "prune":
             _check(key == "keep_ratio", f"{w}: a prune method sweeps keep_ratio, got {key!r}")
         else:
@@ -135,11 +136,11 @@ class FrontierProtocol:
     prefill: int = 512
     continue_tokens: int = 128
     chunk: int = 16
-    segments: int = 4
-    batch_size: int = 4
+    segments: int = 3
+    batch_size: int = 3
     teacher_forced: bool = True
     tf_window: int = 1024
-    tf_windows: int = 2
+    tf_windows: int = 1
 
     def __post_init__(self) -> None:
         for k in ("prefill", "continue_tokens", "chunk", "segments", "batch_size", "tf_window", "tf_windows"):
@@ -148,7 +149,7 @@ class FrontierProtocol:
 
 
 def _default_calibration() -> dict[str, Any]:
-    return {"samples": 24000, "max_batches": 8, "seq_len": 1024, "knots": 7, "epochs": 4}
+    return {"samples": 24000, "max_batches": 8, "seq_len": 1024, "knots": 7, "epochs": 2}
 
 
 def _ours(codec: str, target: str, bits: list, joint: bool = True) -> MethodSpec:
@@ -159,11 +160,11 @@ def _ours(codec: str, target: str, bits: list, joint: bool = True) -> MethodSpec
 def default_methods() -> list[MethodSpec]:
     """The default grid (configs/frontier.toml mirrors it)."""
     return [
-        _ours("spline-pca-q", "kv", [2.0, 2.5, 3.0, 4.0]),
-        _ours("pca-q", "kv", [2.0, 2.5, 3.0, 4.0]),
+        _ours("spline-pca-q", "kv", [2.0, 3.0, 4.0]),
+        _ours("pca-q", "kv", [2.0, 3.0, 4.0]),
         _ours("pca-q", "v", [2.0, 4.0]),
         _ours("pca-q", "k", [2.0, 4.0]),
-        MethodSpec("uniform-int", "peer", {"bits": [8, 4, 3, 2]}, {"peer": "uniform-int"}),
+        MethodSpec("uniform-int", "peer", {"bits": [8, 4, 2]}, {"peer": "uniform-int"}),
         MethodSpec("kivi", "peer", {"bits": [2, 4]}, {"peer": "kivi", "group": 32, "residual": 32}),
         MethodSpec("hf-quanto", "peer", {"bits": [2, 4]}, {"peer": "hf-quantized", "backend": "quanto", "group": 64, "residual": 32}),
         MethodSpec("h2o", "peer", {"budget": [0.1, 0.2, 0.5]}, {"peer": "h2o"}),

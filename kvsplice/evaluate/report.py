@@ -92,12 +92,20 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _public(path: str) -> None:
+    """mkstemp creates 0600 files; give results the usual mode (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _public(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -180,6 +188,7 @@ def plot_frontier(path: str | os.PathLike, rows: Sequence[EvalRow], title: str =
         os.close(fd)
         try:
             fig.savefig(tmp, format="png")
+            _public(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
