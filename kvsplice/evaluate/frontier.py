@@ -146,6 +146,16 @@ def fit_geometry_sharing_warp(vectors: dict[tuple[int, int], torch.Tensor], ccfg
     return Geometry(codecs=codecs, meta={k: str(v) for k, v in meta.items()})
 
 
+def _for_target(s: dict[str, Any], target: str) -> dict[str, Any]:
+    """The setting as K or V sees it: `k_bits` (K+V methods) overrides `bits` for K, so the two can
+    get different budgets (K codes far better than V at the same bits)."""
+    s = dict(s)
+    k_bits = s.pop("k_bits", None)
+    if target == "k" and k_bits is not None:
+        s["bits"] = k_bits
+    return s
+
+
 def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable[[], Any]:
     from kvsplice.cache import CompressedCache, LayerCodec, model_layout
     from kvsplice.kcodec import k_layer_codecs
@@ -154,10 +164,10 @@ def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable
     target = s.get("target", "v")
     v = k = None
     if "v" in target:
-        geo = cal.geometry(s, "v")
+        geo = cal.geometry(_for_target(s, "v"), "v")
         v = [LayerCodec.from_geometry(geo, l) for l in range(layers)]
     if "k" in target:
-        k = k_layer_codecs(model, cal.geometry(s, "k"))
+        k = k_layer_codecs(model, cal.geometry(_for_target(s, "k"), "k"))
     window, sink = int(s.get("window", 0)), int(s.get("sink", 0))
     return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window, sink=sink)
 
@@ -168,6 +178,7 @@ def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
         return peer.setting()
     extra = f" window={s['window']}" if s.get("window") else ""
     extra += f" sink={s['sink']}" if s.get("sink") else ""
+    extra += f" K@{s['k_bits']}" if s.get("k_bits") is not None else ""
     if m.kind == "codec":
         joint = " joint" if s.get("joint_heads") else ""
         return f"{key}={s[key]} {s.get('target', 'v').upper()}{joint}{extra}"

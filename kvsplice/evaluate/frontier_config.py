@@ -84,6 +84,7 @@ class MethodSpec:
             _check(isinstance(self.params.get("joint_heads", False), bool), f"{w}: params.joint_heads must be a bool")
             _check(_is_int(self.params.get("window", 0)) and self.params.get("window", 0) >= 0, f"{w}: params.window must be an int >= 0")
             _check(_is_int(self.params.get("sink", 0)) and self.params.get("sink", 0) >= 0, f"{w}: params.sink must be an int >= 0")
+            _check(self.params.get("k_bits") is None or self.params.get("target") == "kv", f"{w}: params.k_bits needs target = \"kv\"")
         elif self.kind == "prune":
             _check(key == "keep_ratio", f"{w}: a prune method sweeps keep_ratio, got {key!r}")
         else:
@@ -100,7 +101,7 @@ class MethodSpec:
             else:
                 from kvsplice.codecs import get_codec
 
-                get_codec(s["codec"], **{k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window")})
+                get_codec(s["codec"], **{k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k_bits")})
 
     def settings(self) -> list[dict[str, Any]]:
         (key, values), = self.sweep.items()
@@ -152,9 +153,12 @@ def _default_calibration() -> dict[str, Any]:
     return {"samples": 24000, "max_batches": 8, "seq_len": 1024, "knots": 7, "epochs": 2}
 
 
-def _ours(codec: str, target: str, bits: list, joint: bool = True) -> MethodSpec:
-    suffix = {"v": ":V", "k": ":K", "kv": ""}[target]
-    return MethodSpec(f"{codec}{suffix}", "codec", {"bits": bits}, {"codec": codec, "target": target, "joint_heads": joint})
+def _ours(codec: str, target: str, bits: list, sink: int = 1, suffix: str = "", **params: Any) -> MethodSpec:
+    """A transform coder joint over each layer's KV heads; sink=1 keeps the first token exact (the
+    attention sink: without it 2-bit pca-q K+V loses ~4x more perplexity; see docs/RESULTS.md)."""
+    name = f"{codec}{suffix}" + {"v": ":V", "k": ":K", "kv": ""}[target]
+    extra = {"sink": sink} if sink else {}
+    return MethodSpec(name, "codec", {"bits": bits}, {"codec": codec, "target": target, "joint_heads": True, **extra, **params})
 
 
 def default_methods() -> list[MethodSpec]:
@@ -162,6 +166,8 @@ def default_methods() -> list[MethodSpec]:
     return [
         _ours("spline-pca-q", "kv", [2.0, 3.0, 4.0]),
         _ours("pca-q", "kv", [2.0, 3.0, 4.0]),
+        _ours("pca-q", "kv", [2.5, 3.0], suffix="-k1.5", k_bits=1.5),  # bits = V's; K at 1.5
+        _ours("pca-q", "kv", [2.0, 4.0], sink=0, suffix="-nosink"),
         _ours("pca-q", "v", [2.0, 4.0]),
         _ours("pca-q", "k", [2.0, 4.0]),
         MethodSpec("uniform-int", "peer", {"bits": [8, 4, 2]}, {"peer": "uniform-int"}),
@@ -180,6 +186,7 @@ def quick_methods() -> list[MethodSpec]:
     return [
         _ours("spline-pca-q", "kv", [2.0, 4.0]),
         _ours("pca-q", "kv", [2.0, 4.0]),
+        _ours("pca-q", "kv", [2.5], suffix="-k1.5", k_bits=1.5),
         MethodSpec("uniform-int", "peer", {"bits": [4, 2]}, {"peer": "uniform-int"}),
         MethodSpec("kivi", "peer", {"bits": [2, 4]}, {"peer": "kivi", "group": 32, "residual": 32}),
         MethodSpec("hf-quanto", "peer", {"bits": [2]}, {"peer": "hf-quantized", "backend": "quanto", "group": 64, "residual": 32}),
