@@ -206,7 +206,21 @@ class _Rows:
             self.raw, self.head = fn(self.raw), fn(self.head)
 
 
-class CompressedLayer(CacheLayerMixin):
+class BatchMapMixin:
+    """Beam search / batch selection for cache layers that keep several per-sequence tensors: each
+    operation maps every tensor through `self._map_batch(fn)` (fn acts on the batch axis 0)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+class CompressedLayer(BatchMapMixin, CacheLayerMixin):
     """One layer of a `CompressedCache`. Lazily initialised from the first K/V it sees."""
 
     is_sliding = False
@@ -317,15 +331,6 @@ class CompressedLayer(CacheLayerMixin):
         if self.pruner is not None:
             self.positions, self.mass, self.exposure = fn(self.positions), fn(self.mass), fn(self.exposure)
         self.batch_size = self.k_rows.raw.shape[0]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:

@@ -24,15 +24,16 @@ model layout and the row's codec and rank); otherwise V is collected ONCE from t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from kvsplice.config import check, from_table, is_int, read_toml
 from kvsplice.errors import KVSpliceError
 from kvsplice.evaluate.perplexity import EvalRow, perplexity_prefill_continue, perplexity_teacher_forced
 from kvsplice.evaluate.report import result_dict
@@ -42,21 +43,11 @@ class AblationConfigError(KVSpliceError):
     """A bad ablation config (unknown key, wrong type, impossible combination)."""
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise AblationConfigError(msg)
+_check = functools.partial(check, error=AblationConfigError)
+_from_table = functools.partial(from_table, error=AblationConfigError)
+_is_int = is_int
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _from_table(cls: type, d: Any, where: str) -> Any:
-    _check(isinstance(d, dict), f"[{where}] must be a table, found {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    _check(not unknown, f"unknown key(s) {unknown} in [{where}]; expected some of {sorted(known)}")
-    return cls(**d)
 
 
 @dataclass
@@ -206,13 +197,7 @@ class AblationConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "AblationConfig":
-        path = Path(path)
-        try:
-            d = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise AblationConfigError(f"ablation config {str(path)!r} not found") from e
-        except tomllib.TOMLDecodeError as e:
-            raise AblationConfigError(f"ablation config {str(path)!r} is not valid TOML: {e}") from e
+        d = read_toml(path, "ablation", AblationConfigError)
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,16 +28,17 @@ method; `global_pareto` lists the points no point of any method dominates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from kvsplice.config import check, from_table, is_int, read_toml
 from kvsplice.errors import KVSpliceError
 
 KINDS = ("codec", "prune", "peer")
@@ -49,13 +50,9 @@ class FrontierConfigError(KVSpliceError):
     """A bad frontier config."""
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise FrontierConfigError(msg)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_check = functools.partial(check, error=FrontierConfigError)
+_from_table = functools.partial(from_table, error=FrontierConfigError)
+_is_int = is_int
 
 
 @dataclass
@@ -256,23 +253,11 @@ class FrontierConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, quick: bool = False) -> "FrontierConfig":
-        path = Path(path)
-        try:
-            d = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise FrontierConfigError(f"frontier config {str(path)!r} not found") from e
-        except tomllib.TOMLDecodeError as e:
-            raise FrontierConfigError(f"frontier config {str(path)!r} is not valid TOML: {e}") from e
+        d = read_toml(path, "frontier", FrontierConfigError)
         return cls.from_dict(d, quick=quick)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _from_table(cls: type, d: Any, where: str) -> Any:
-    _check(isinstance(d, dict), f"[{where}] must be a table, found {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    _check(not unknown, f"unknown key(s) {unknown} in [{where}]; expected some of {sorted(known)}")
-    return cls(**d)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvsplice.cache import CacheMemory, model_layout
+from kvsplice.cache import BatchMapMixin, CacheMemory, model_layout
 from kvsplice.codecs.quant import dequantize_minmax, pack_codes, quantize_minmax, unpack_codes
 from kvsplice.peers.base import Peer, PeerError, check_int, register_peer
 
@@ -37,7 +37,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=2)
 
 
-class KIVILayer(CacheLayerMixin):
+class KIVILayer(BatchMapMixin, CacheLayerMixin):
     """One layer of a `KIVICache` (see module docstring). bits in 1..8; group, residual >= 0 tokens;
     v_group: channels per V scale (None: the whole head vector)."""
 
@@ -132,15 +132,6 @@ class KIVILayer(CacheLayerMixin):
                 setattr(self, name, fn(t))
         if self.is_initialized:
             self.batch_size = self.k_raw.shape[0]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
