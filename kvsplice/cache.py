@@ -480,6 +480,10 @@ class CompressedCache(Cache):
             if bad:
                 raise GeometryError(f"geometry has codecs for layers {bad}; the model has {num_layers} layers")
             per_layer = [LayerCodec.from_geometry(geometry, l) for l in range(num_layers)]
+            if target == "k":  # K geometry is fitted on pre-RoPE K: un-rotate on write, re-rotate on read
+                from kvsplice.kcodec import k_layer_codecs
+
+                per_layer = k_layer_codecs(model, geometry)
             for l, c in enumerate(per_layer):
                 if c is not None and (c.num_heads, c.head_dim) != (num_heads, head_dim):
                     raise GeometryError(

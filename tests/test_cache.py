@@ -330,3 +330,20 @@ def test_sink_with_pre_rope_k_codec_keeps_positions():
 def test_sink_with_pruner_is_refused():
     with pytest.raises(KVSpliceError, match="sink"):
         CompressedCache(2, pruner=VOnlyPruner(), sink=1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_from_geometry_codes_k_before_rope_where_the_model_has_rope(arch):
+    """A K geometry is fitted on the adapter's K (pre-RoPE for Llama): the cache must un-rotate
+    before encoding, so Llama's K codecs are PreRopeLayerCodec and GPT-2's plain LayerCodec."""
+    from kvsplice.kcodec import PreRopeLayerCodec
+
+    model = MAKERS[arch]()
+    L, H, D = layout(model)
+    g = torch.Generator().manual_seed(0)
+    codecs = {(l, h): get_codec("pca", k=D).fit(torch.randn(100, D, generator=g)) for l in range(L) for h in range(H)}
+    cache = CompressedCache.from_geometry(model, k_geometry=make_geometry(codecs, {"target": "k"}))
+    assert isinstance(cache.layers[0].k_codec, PreRopeLayerCodec) == (arch == "llama")
+    ids = torch.randint(3, 200, (1, 10), generator=g)
+    torch.testing.assert_close(feed(model, ids, cache, [6, 1, 3]),
+                               feed(model, ids, DynamicCache(config=model.config), [6, 1, 3]), atol=1e-4, rtol=0)

@@ -244,3 +244,31 @@ def test_generate_cli_prints_continuation_and_measured_bytes(tmp_path, tiny_llam
     save_geometry(tmp_path / "bad.safetensors", Geometry(bad, {"target": "v"}))
     assert main(argv[:4] + [str(tmp_path / "bad.safetensors")] + argv[5:]) == 2
     assert "dimension" in capsys.readouterr().err
+
+
+def test_eval_cli_k_geometry_and_sink(tmp_path, tiny_llama):
+    """Our best recipe from the CLI: calibrate a transform coder for K and V (--param bits=...),
+    then eval with --k-geometry and --sink; the coded row holds fewer bytes than the baseline."""
+    from kvsplice.cli import main
+
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    common = ["--model", str(tmp_path / "m"), "--data", str(text)]
+    for target in ("v", "k"):
+        argv = ["calibrate", *common, "--codec", "pca-q", "--param", "bits=3", "--joint-heads", "--target", target,
+                "--seq-len", "64", "--max-batches", "4", "--quiet", "--out", str(tmp_path / f"{target}.safetensors")]
+        assert main(argv) == 0
+    from kvsplice.geometry import load_geometry
+
+    assert json.loads(load_geometry(tmp_path / "k.safetensors").codec_for(0, -1).metadata()["params"])["bits"] == 3
+    out = tmp_path / "e.json"
+    argv = ["eval", *common, "--geometry", str(tmp_path / "v.safetensors"), "--k-geometry", str(tmp_path / "k.safetensors"),
+            "--sink", "1", "--protocol", "teacher-forced", "--tf-window", "64", "--max-windows", "2", "--json", str(out)]
+    assert main(argv) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"baseline", "v+K:k"}
+    assert rows["v+K:k"]["kv_bytes_per_token"] < rows["baseline"]["kv_bytes_per_token"] / 4
+    assert main(["calibrate", *common, "--param", "bits", "--out", str(tmp_path / "x.safetensors")]) == 2

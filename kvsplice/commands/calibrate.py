@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -21,6 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="UTF-8 text files (or hf:DATASET[:CONFIG][@SPLIT]); default: the calibration split of pydoc_data.topics")
     p.add_argument("--codec", default="spline-pca", help="codec registry name (default spline-pca)")
     p.add_argument("--rank", type=int, default=16, help="latent dimensions k per vector (default 16)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra codec constructor parameter, VALUE parsed as JSON (e.g. --param bits=4 for pca-q); repeatable")
     p.add_argument("--knots", type=int, default=7)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--samples", type=int, default=120000, help="head-vectors kept per layer by reservoir sampling")
@@ -42,6 +45,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def parse_params(items: list[str]) -> dict:
+    """["bits=4", "scale=\"gain\""] -> {"bits": 4, "scale": "gain"} (values JSON, else plain strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KVSpliceError(f"--param expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -59,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         fit_samples_per_dim=args.fit_samples_per_dim or None, max_batches=args.max_batches,
         seq_len=args.seq_len, batch_size=args.batch_size, target=args.target,
         joint_heads=args.joint_heads, seed=args.seed, layers=tuple(args.layers) if args.layers else None,
+        codec_params=parse_params(args.param),
     )
     cfg.codec_kwargs()  # unknown codec -> error before loading anything
     if args.data:

@@ -23,6 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--k-min", type=int, default=64, help="pruning: minimum tokens kept")
     p.add_argument("--strategy", choices=["A", "B"], default="A", help="pruning: A prune then compress, B compress then select")
     p.add_argument("--window", type=int, default=0, help="newest tokens kept in full precision (default 0)")
+    p.add_argument("--k-geometry", default=None, metavar="G",
+                   help="K geometry (calibrate --target k) applied in every geometry row (K coded before RoPE for Llama)")
+    p.add_argument("--sink", type=int, default=0, help="first tokens kept exact (attention sink; default 0)")
     p.add_argument("--protocol", choices=["teacher-forced", "prefill-continue"], default="teacher-forced")
     p.add_argument("--data", nargs="+", metavar="PATH", help="UTF-8 text files; default: the evaluation split of pydoc_data.topics")
     g = p.add_argument_group("teacher-forced")
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             raise KVSpliceError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     geometries = [(Path(g).stem, load_geometry(g)) for g in args.geometry]  # bad file -> error before the model loads
+    k_geo = load_geometry(args.k_geometry) if args.k_geometry else None
     if args.protocol == "teacher-forced":
         options = dict(window=args.tf_window, stride=args.stride, max_windows=args.max_windows or None)
     else:
@@ -79,15 +83,19 @@ def run(args: argparse.Namespace) -> int:
     def compressed(geo, prn):
         def make():
             p = None if prn is None else VOnlyPruner(**vars(prn))  # fresh pruner state per cache
-            return CompressedCache.from_geometry(model, v_geometry=geo, pruner=p, window=args.window, strategy=args.strategy)
+            return CompressedCache.from_geometry(model, v_geometry=geo, k_geometry=k_geo, pruner=p, window=args.window,
+                                                 strategy=args.strategy, sink=args.sink)
         make()  # incompatible geometry -> GeometryError before any compute
         return make
 
     rows_spec = [] if args.no_baseline else [("baseline", DynamicCache)]
     if pruner is not None:
         rows_spec.append((f"prune-{args.keep_ratio:g}", compressed(None, pruner)))
+    k_tag = f"+K:{Path(args.k_geometry).stem}" if k_geo is not None else ""
+    if k_geo is not None and not geometries:
+        geometries = [("", None)]  # one row: K coded, V stored as it is
     for name, geo in geometries:
-        rows_spec.append((name + (f"+prune-{args.keep_ratio:g}" if pruner else ""), compressed(geo, pruner)))
+        rows_spec.append((name + k_tag + (f"+prune-{args.keep_ratio:g}" if pruner else ""), compressed(geo, pruner)))
     if not rows_spec:
         raise KVSpliceError("nothing to evaluate: give --geometry and/or --keep-ratio, or drop --no-baseline")
     rows = []

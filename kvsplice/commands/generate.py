@@ -18,6 +18,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recency", type=int, default=64, help="pruning: newest tokens always kept (default 64)")
     p.add_argument("--k-min", type=int, default=64, help="pruning: minimum tokens kept (default 64)")
     p.add_argument("--window", type=int, default=0, help="newest tokens kept in full precision (default 0)")
+    p.add_argument("--k-geometry", default=None, help="K geometry file (default: none, K stored uncompressed)")
+    p.add_argument("--sink", type=int, default=0, help="first tokens kept exact (attention sink; default 0)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -48,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    cache = CompressedCache.from_geometry(model, v_geometry=geometry, pruner=pruner, window=args.window)
+    k_geometry = load_geometry(args.k_geometry) if args.k_geometry else None
+    cache = CompressedCache.from_geometry(model, v_geometry=geometry, k_geometry=k_geometry, pruner=pruner,
+                                          window=args.window, sink=args.sink)
     if args.chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
