@@ -435,6 +435,10 @@ class CompressedCache(Cache):
                 raise KVSpliceError(f"{name} must be {num_layers} LayerCodec-or-None entries, got {len(cs)}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise KVSpliceError(f"window must be an integer >= 0, got {window!r}")
+        if pruner is not None and any(getattr(c, "position_aware", False) for c in k_codecs):
+            raise KVSpliceError(
+                "K codecs applied before RoPE assume rows in token order; they cannot be combined with a pruner"
+            )
         if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
             raise KVSpliceError(f"sink must be an integer >= 0, got {sink!r}")
         if sink and pruner is not None:
@@ -492,6 +496,12 @@ class CompressedCache(Cache):
                     )
             codecs[target] = per_layer
         return cls(num_layers, codecs["v"], codecs["k"], pruner=pruner, window=window, strategy=strategy, sink=sink)
+
+    @property
+    def teacher_forced_exact(self) -> bool:
+        """One forward over a window reads every row through its codec, as decoding does, unless
+        rows are pruned or kept raw in a window (decoding would read older rows coded)."""
+        return self.pruner is None and self.window == 0
 
     def memory(self) -> CacheMemory:
         """Bytes held now (sum of tensor.nbytes), all layers."""

@@ -49,6 +49,8 @@ class PreRopeLayerCodec(LayerCodec):
     Stateful: counts the rows it has encoded (their positions); `to()` returns a fresh copy, which is
     what every `CompressedCache` layer makes when it initialises."""
 
+    position_aware = True  # payload row p is position first + p: no pruning (CompressedCache refuses it)
+
     def __init__(self, inner: LayerCodec, rotary: nn.Module) -> None:
         super().__init__(inner.codecs, inner.joint, inner.num_heads if inner.joint else None)
         self.rotary = rotary

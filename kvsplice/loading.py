@@ -84,7 +84,8 @@ def load_model(
         folder, ident = name_or_path, name_or_path  # hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
+        # safetensors only: a pickled pytorch_model.bin would go through torch.load
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"could not load model {name_or_path!r} (expected {DEFAULT_MODEL!r}, a local HF model folder, "

@@ -347,3 +347,12 @@ def test_from_geometry_codes_k_before_rope_where_the_model_has_rope(arch):
     ids = torch.randint(3, 200, (1, 10), generator=g)
     torch.testing.assert_close(feed(model, ids, cache, [6, 1, 3]),
                                feed(model, ids, DynamicCache(config=model.config), [6, 1, 3]), atol=1e-4, rtol=0)
+
+
+def test_pre_rope_k_codec_with_pruner_is_refused():
+    from kvsplice.kcodec import PreRopeLayerCodec, find_rotary
+
+    model = make_tiny_llama()
+    k = [PreRopeLayerCodec(lc, find_rotary(model)) for lc in pca_codecs(model, k=2)]
+    with pytest.raises(KVSpliceError, match="pruner"):
+        CompressedCache(model.config.num_hidden_layers, k_codecs=k, pruner=VOnlyPruner())

@@ -272,3 +272,26 @@ def test_eval_cli_k_geometry_and_sink(tmp_path, tiny_llama):
     assert set(rows) == {"baseline", "v+K:k"}
     assert rows["v+K:k"]["kv_bytes_per_token"] < rows["baseline"]["kv_bytes_per_token"] / 4
     assert main(["calibrate", *common, "--param", "bits", "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_teacher_forced_refuses_inexact_caches(tiny_llama):
+    """A full-precision window (or a quantiser's residual) makes one forward read rows that decoding
+    would read coded: teacher forcing must refuse rather than report baseline-like numbers."""
+    from kvsplice.cache import CompressedCache
+
+    model, _ = tiny_llama
+    L = model.config.num_hidden_layers
+    ids = torch.randint(3, 100, (64,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ProtocolError, match="not exact"):
+        perplexity_teacher_forced(model, ids, lambda: CompressedCache(L, window=4), window=32)
+
+
+def test_a_model_that_ignores_the_cache_is_refused(tiny_llama):
+    from transformers import DynamicCache
+
+    model, _ = tiny_llama
+    ids = torch.randint(3, 100, (64,), generator=torch.Generator().manual_seed(0))
+    forward = model.forward
+    model.forward = lambda *a, cache=None, **k: forward(*a, **k)  # drops the cache, as an older transformers would
+    with pytest.raises(ProtocolError, match="did not write to the cache"):
+        perplexity_teacher_forced(model, ids, DynamicCache, window=32)

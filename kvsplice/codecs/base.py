@@ -18,6 +18,7 @@ rebuilds the codec (class chosen by the metadata's "codec" entry) without pickle
 
 from __future__ import annotations
 
+import inspect
 import json
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -42,7 +43,11 @@ def get_codec(name: str, **params: Any) -> "Codec":
     _load_builtin_codecs()
     if name not in CODECS:
         raise CodecError(f"unknown codec {name!r}; expected one of {sorted(CODECS)}")
-    return CODECS[name](**params)
+    try:
+        return CODECS[name](**params)
+    except TypeError as e:  # unknown / missing constructor parameter
+        accepted = [p for p in inspect.signature(CODECS[name].__init__).parameters if p != "self"]
+        raise CodecError(f"bad parameters {sorted(params)} for codec {name!r} ({e}); it accepts {accepted}") from e
 
 
 def codec_names() -> list[str]:

@@ -162,6 +162,16 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def _check_cache_used(cache: Any, expected: int) -> None:
+    """A model that ignores `cache=` (e.g. another transformers version) would silently score the
+    baseline for every row: refuse instead."""
+    if cache.get_seq_length() < expected:
+        raise ProtocolError(
+            f"the model did not write to the cache it was given ({cache.get_seq_length()} of {expected} tokens held): "
+            "this transformers version / model does not accept `cache=`"
+        )
+
+
 def perplexity_teacher_forced(
     model: Any,
     ids: torch.Tensor,
@@ -191,6 +201,12 @@ def perplexity_teacher_forced(
             "teacher-forced perplexity cannot evaluate a pruning cache: in one forward every query would "
             "read a selection made with later queries; use protocol 'prefill-continue'"
         )
+    if not getattr(probe, "teacher_forced_exact", True):
+        raise ProtocolError(
+            f"teacher-forced perplexity is not exact for {type(probe).__name__} with these settings (in one forward "
+            "the queries read rows that decoding would read coded, e.g. a full-precision window or a quantiser's "
+            "residual); use protocol 'prefill-continue'"
+        )
     starts = list(range(0, ids.shape[0] - window + 1, stride))[:max_windows]
     device = _device(model)
     t0 = time.perf_counter()
@@ -200,6 +216,7 @@ def perplexity_teacher_forced(
             cache = probe if i == 0 else make_cache()
             x = ids[s : s + window].to(device)[None]  # (1, T)
             logits = model(input_ids=x, cache=cache, use_cache=True).logits  # (1, T, V)
+            _check_cache_used(cache, window)
             # logits index of the first scored prediction: all of the first window, then the last
             # `stride` targets (all window - 1 when stride >= window - 1: non-overlapping windows)
             first = 0 if i == 0 else max(window - stride - 1, 0)
@@ -254,6 +271,7 @@ def perplexity_prefill_continue(
                 cache = probe if b0 == 0 else make_cache()
                 x = segs[b0 : b0 + batch_size].to(device)  # (B, C + N + 1)
                 model(input_ids=x[:, :prefill], cache=cache, use_cache=True, logits_to_keep=1)
+                _check_cache_used(cache, prefill)
                 losses = []
                 for j in range(prefill, prefill + continue_tokens, chunk):
                     e = min(j + chunk, prefill + continue_tokens)

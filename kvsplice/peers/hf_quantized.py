@@ -46,6 +46,8 @@ class MeasuredQuantizedCache(QuantizedCache):
     """transformers.QuantizedCache + `memory()` (bytes held). Records the batch size, KV heads,
     head_dim and dtype of the states it is given (the quantised layers do not keep them)."""
 
+    teacher_forced_exact = False  # a first forward reads its own rows before they are quantised
+
     pruner = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):

@@ -155,6 +155,8 @@ class KIVILayer(BatchMapMixin, CacheLayerMixin):
 class KIVICache(Cache):
     """transformers Cache of `KIVILayer`s; `memory()` -> CacheMemory (bytes of every held tensor)."""
 
+    teacher_forced_exact = False  # a first forward reads its own rows before they are quantised
+
     def __init__(self, num_layers: int, bits: int = 2, group: int = 32, residual: int = 32, v_group: int | None = None) -> None:
         KIVI(bits=bits, group=group, residual=residual, v_group=v_group)  # validates
         self.pruner = None
