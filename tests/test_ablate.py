@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from kvsplice.errors import KVSpliceError
 import torch
 
 from kvsplice.evaluate import validate_result
@@ -126,7 +128,7 @@ def test_reused_geometry_must_match_the_row(tmp_path, tiny_llama):
     run_ablation(cfg, model=model, tokenizer=tok, log=lambda m: None, progress=False)
     geo = str(tmp_path / "geo" / "pca-k2.safetensors")
     bad = tiny_config(tmp_path, geometry_dir=None, rows=[{"name": "x", "codec": "pca", "rank": 3, "geometry": geo}])
-    with pytest.raises(Exception, match="expected codec 'pca' rank 3"):
+    with pytest.raises(KVSpliceError, match="expected codec 'pca' rank 3"):
         run_ablation(bad, model=model, tokenizer=tok, log=lambda m: None, progress=False)
 
 

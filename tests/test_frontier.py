@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from kvsplice.errors import KVSpliceError
 from conftest import make_byte_tokenizer, make_tiny_llama
 
 from kvsplice.cli import main
@@ -120,7 +122,7 @@ def test_toml_matches_builtin_grids():
     ],
 )
 def test_bad_method_tables(table, match):
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(KVSpliceError, match=match):
         MethodSpec(**table)
 
 
@@ -190,11 +192,11 @@ def test_warp_sharing_equals_a_fresh_fit():
 
 
 def test_bad_settings_fail_before_any_compute():
-    with pytest.raises(Exception, match="budget"):
+    with pytest.raises(KVSpliceError, match="budget"):
         MethodSpec("a", "peer", {"budget": [1.5]}, {"peer": "h2o"})
-    with pytest.raises(Exception, match="budget is only defined"):
+    with pytest.raises(KVSpliceError, match="budget is only defined"):
         MethodSpec("a", "peer", {"budget": [0.5]}, {"peer": "kivi"})
-    with pytest.raises(Exception, match="unknown key"):
+    with pytest.raises(KVSpliceError, match="unknown key"):
         MethodSpec("a", "prune", {"keep_ratio": [0.5]}, {"recent": 3})
-    with pytest.raises(Exception, match="bits"):
+    with pytest.raises(KVSpliceError, match="bits"):
         MethodSpec("a", "codec", {"bits": [0.0]}, {"codec": "pca-q"})
