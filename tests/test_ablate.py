@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from kvsplice.errors import KVSpliceError
 import torch
 
+from kvsplice.errors import KVSpliceError
 from kvsplice.evaluate import validate_result
 from kvsplice.evaluate.ablation import AblationConfig, AblationConfigError, RowSpec, run_ablation
 

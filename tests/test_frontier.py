@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from kvsplice.errors import KVSpliceError
 from conftest import make_byte_tokenizer, make_tiny_llama
 
+from kvsplice.errors import KVSpliceError
 from kvsplice.cli import main
 from kvsplice.evaluate.frontier import (
     POINT_KEYS,
