@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from kvsplice.errors import KVSpliceError
 from kvsplice.evaluate.frontier import pareto_flags
+from kvsplice.evaluate.report import save_png
 
 
 def plot_frontier_json(path: str | os.PathLike, result: dict[str, Any], title: str | None = None) -> None:
@@ -59,15 +58,6 @@ def plot_frontier_json(path: str | os.PathLike, result: dict[str, Any], title: s
         ax.legend(fontsize=7, loc="upper right", ncol=2)
         ax.set_title(title or f"KV cache quality per byte: {result.get('model', '')}", fontsize=10)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_png(fig, path)
     finally:
         plt.close(fig)

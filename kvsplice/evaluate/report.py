@@ -112,6 +112,21 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def save_png(fig: Any, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file + rename: never a half-written plot)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        _public(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def format_table(rows: Sequence[EvalRow], baseline: str | None = None, title: str | None = None) -> str:
     """A fixed-width text table. Δppl % is relative to the row named `baseline` (default: the first)."""
     if not rows:
@@ -182,16 +197,6 @@ def plot_frontier(path: str | os.PathLike, rows: Sequence[EvalRow], title: str =
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png")
-            _public(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_png(fig, path)
     finally:
         plt.close(fig)
