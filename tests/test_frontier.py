@@ -199,3 +199,10 @@ def test_bad_settings_fail_before_any_compute():
         MethodSpec("a", "prune", {"keep_ratio": [0.5]}, {"recent": 3})
     with pytest.raises(KVSpliceError, match="bits"):
         MethodSpec("a", "codec", {"bits": [0.0]}, {"codec": "pca-q"})
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/frontier*.toml")))
+def test_every_frontier_config_in_the_repo_is_valid(path):
+    """The supplement configs quoted in docs/RESULTS.md must keep loading (validated up front)."""
+    cfg = FrontierConfig.from_toml(path)
+    assert cfg.methods and all(m.settings() for m in cfg.methods)
