@@ -173,23 +173,22 @@ def unwarp(y: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, slopes: torch.Te
 
 
 # -- the seed's reference shape: one Python iteration per dimension (benchmarks and tests only) --
-def warp_loop(x: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
-    """Reference g: searchsorted per dimension, as in the seed's PWLSpline.forward. x (N, D)."""
-    d, k = xk.shape
+def _piecewise_loop(v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """One Python iteration per dimension: dst + slope * (v - src) on v's knot interval. v (N, D)."""
+    d, k = src.shape
     cols = []
     for j in range(d):
-        xj = x[..., j].contiguous()
-        i0 = torch.searchsorted(xk[j].contiguous(), xj).clamp(1, k - 1) - 1
-        cols.append(yk[j, i0] + slopes[j, i0] * (xj - xk[j, i0]))
+        vj = v[..., j].contiguous()
+        i0 = torch.searchsorted(src[j].contiguous(), vj).clamp(1, k - 1) - 1
+        cols.append(dst[j, i0] + slopes[j, i0] * (vj - src[j, i0]))
     return torch.stack(cols, dim=-1)
+
+
+def warp_loop(x: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """Reference g: searchsorted per dimension, as in the seed's PWLSpline.forward. x (N, D)."""
+    return _piecewise_loop(x, xk, yk, slopes)
 
 
 def unwarp_loop(y: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
     """Reference g^-1: searchsorted per dimension, as in the seed's PWLSpline.inverse. y (N, D)."""
-    d, k = xk.shape
-    cols = []
-    for j in range(d):
-        yj = y[..., j].contiguous()
-        i0 = torch.searchsorted(yk[j].contiguous(), yj).clamp(1, k - 1) - 1
-        cols.append(xk[j, i0] + (yj - yk[j, i0]) / slopes[j, i0].clamp_min(MIN_SLOPE))
-    return torch.stack(cols, dim=-1)
+    return _piecewise_loop(y, yk, xk, 1.0 / slopes.clamp_min(MIN_SLOPE))
