@@ -23,11 +23,12 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from kvsplice.codecs import get_codec
 from kvsplice.errors import KVSpliceError
+
+if TYPE_CHECKING:  # torch is imported inside the functions: `kvsplice --help` must not load it
+    import torch
 
 
 def _ranks(text: str) -> list[int]:
@@ -89,6 +90,8 @@ def _select(path: Path, keys: list[str] | None) -> dict[str, torch.Tensor]:
 
 
 def _split(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     if not 0 < fraction < 1:
         raise KVSpliceError(f"--test-fraction must be in (0, 1), got {fraction}")
     n_test = max(1, int(round(fraction * x.shape[0])))
@@ -104,6 +107,8 @@ def compare(train: torch.Tensor, test: torch.Tensor, ranks: list[int], epochs: i
             seed: int = 0, on_row=None) -> list[dict]:
     """Fit pca and spline-pca on train (N, D) per rank; held-out MSE on test. Rows of the JSON schema
     plus "warp" (whether spline-pca kept its trained warp) for the printed table."""
+    from kvsplice.codecs import get_codec
+
     rows = []
     for k in ranks:
         pca = get_codec("pca", k=k).fit(train)

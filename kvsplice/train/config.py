@@ -14,10 +14,12 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvsplice.train.prune import PruneConfig
 
 from kvsplice.errors import KVSpliceError
-from kvsplice.train.prune import PruneConfig
 
 
 @dataclass
@@ -129,6 +131,8 @@ class TrainConfig:
         return self.n_embd // self.n_head
 
     def prune_config(self) -> PruneConfig:
+        from kvsplice.train.prune import PruneConfig  # imports torch: not at module level (`kvsplice --help` stays fast)
+
         return PruneConfig(
             keep_ratio=self.prune_keep_ratio, k_min=self.prune_k_min, recency=self.prune_recency,
             exposure_correction=self.prune_exposure_correction, ema_momentum=self.prune_ema_momentum,
