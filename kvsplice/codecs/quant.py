@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 from collections.abc import Sequence
 
 import torch
 
+from kvsplice.codecs.packing import layout, pack_fast, scatter_codes, unpack_fast
 from kvsplice.errors import CodecError
 
 MAX_BITS = 8
@@ -38,14 +38,6 @@ def _widths_tuple(widths: int | Sequence[int], n: int) -> tuple[int, ...]:
     return w
 
 
-@functools.lru_cache(maxsize=256)
-def _layout(widths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each bit of the stream: which code it belongs to and its shift. (B,), (B,)."""
-    coef = [i for i, b in enumerate(widths) for _ in range(b)]
-    shift = [s for b in widths for s in range(b)]
-    return torch.tensor(coef, dtype=torch.long), torch.tensor(shift, dtype=torch.long)
-
-
 def packed_nbytes(widths: int | Sequence[int], n: int | None = None) -> int:
     """Bytes one vector's codes occupy: ceil(sum(widths) / 8)."""
     total = widths * n if isinstance(widths, int) else sum(int(b) for b in widths)
@@ -56,23 +48,15 @@ def pack_codes(codes: torch.Tensor, widths: int | Sequence[int]) -> torch.Tensor
     """codes: (..., n) integers, code i in [0, 2**widths[i]) -> uint8 (..., ceil(sum(widths)/8)).
 
     Little-endian bitstream: code 0's bits first, least significant bit first. Width-0 codes take
-    no space (their value must be 0)."""
+    no space (their value must be 0). Implementation: kvsplice/codecs/packing.py (one element per
+    code; `pack_reference` there is the bit-by-bit original, byte-identical)."""
     n = codes.shape[-1]
     w = _widths_tuple(widths, n)
-    coef, shift = (t.to(codes.device) for t in _layout(w))
     c = codes.long()
     hi = torch.tensor([(1 << b) - 1 for b in w], dtype=torch.long, device=codes.device)
     if c.numel() and (bool((c < 0).any()) or bool((c > hi).any())):
         raise CodecError("pack_codes: a code is outside [0, 2**width)")
-    total = coef.numel()
-    nbytes = (total + 7) // 8
-    bits = (c[..., coef] >> shift) & 1  # (..., B)
-    pad = nbytes * 8 - total
-    if pad:
-        bits = torch.nn.functional.pad(bits, (0, pad))
-    bits = bits.reshape(*c.shape[:-1], nbytes, 8)
-    weights = 1 << torch.arange(8, device=codes.device)
-    return (bits * weights).sum(-1).to(torch.uint8)
+    return pack_fast(c, layout(w, codes.device))
 
 
 def unpack_codes(packed: torch.Tensor, widths: int | Sequence[int], n: int | None = None) -> torch.Tensor:
@@ -88,11 +72,9 @@ def unpack_codes(packed: torch.Tensor, widths: int | Sequence[int], n: int | Non
     nbytes = packed_nbytes(list(w))
     if packed.shape[-1] != nbytes:
         raise CodecError(f"unpack_codes: expected {nbytes} bytes per vector, got {packed.shape[-1]}")
-    coef, shift = (t.to(packed.device) for t in _layout(w))
-    bits = (packed.long().unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1  # (..., nbytes, 8)
-    bits = bits.flatten(-2)[..., : coef.numel()]  # (..., B)
-    out = torch.zeros(*packed.shape[:-1], len(w), dtype=torch.long, device=packed.device)
-    return out.index_add_(-1, coef, bits << shift)
+    lay = layout(w, packed.device)
+    stored = unpack_fast(packed, lay)
+    return stored if len(lay.index) == len(w) else scatter_codes(stored, lay)
 
 
 # -- per-group quantisers with fp16 scales ------------------------------------------------------
