@@ -26,12 +26,10 @@ them by hash otherwise). Loading checks format, version, checksum, keys, every c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from safetensors.torch import save as st_save
 
 from kvsplice.codecs.base import Codec
 from kvsplice.errors import GeometryError, KVSpliceError
+from kvsplice.paths import atomic_write_bytes
 
 FORMAT = "kvsplice-geometry"
 FORMAT_VERSION = "1"
@@ -48,7 +47,7 @@ KEY_LAYOUT = (
     "tensor '<layer>.<head>.<name>' holds state tensor <name> of the codec for (layer, head); "
     "head -1 = one codec joint over all KV heads of the layer (vector = heads concatenated)"
 )
-_CHUNK = 1 << 20
+MAX_HEADER_BYTES = 64 << 20  # a geometry's JSON header (metadata of every codec) is far smaller
 
 
 @dataclass
@@ -67,6 +66,15 @@ class Geometry:
                 raise GeometryError(f"geometry keys must be (layer >= 0, head >= -1) int pairs, got {key!r}")
             if not isinstance(codec, Codec) or codec.dim is None:
                 raise GeometryError(f"geometry entry {key} must be a fitted Codec, got {codec!r}")
+        by_layer: dict[int, set[str]] = {}
+        for (layer, _), codec in self.codecs.items():
+            by_layer.setdefault(layer, set()).add(f"{codec.name} {json.dumps(codec.params, sort_keys=True)}")
+        mixed = {layer: sorted(v) for layer, v in by_layer.items() if len(v) > 1}
+        if mixed:  # the cache stacks one layer's per-head payloads: they must share one codec
+            layer, kinds = next(iter(sorted(mixed.items())))
+            raise GeometryError(f"layer {layer} mixes codecs {kinds}; the heads of one layer must share one codec and parameters")
+        if not isinstance(self.meta, dict):
+            raise GeometryError(f"geometry meta must be a dict of str -> str, found {type(self.meta).__name__}")
         bad = {k: v for k, v in self.meta.items() if not (isinstance(k, str) and isinstance(v, str))}
         if bad:
             raise GeometryError(f"geometry meta must map str -> str, found {bad!r}")
@@ -159,43 +167,24 @@ def serialize(geometry: Geometry) -> bytes:
     return _canonical(st_save(tensors, metadata))
 
 
-def _write_all(f, data: bytes) -> None:
-    view = memoryview(data)
-    for i in range(0, len(view), _CHUNK):
-        f.write(view[i : i + _CHUNK])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_geometry(path: str | os.PathLike, geometry: Geometry) -> None:
-    """Write `geometry` to `path` atomically: an interrupted save leaves any old file untouched."""
-    _atomic_write(Path(path), serialize(geometry))
+    """Write `geometry` to `path` atomically: an interrupted save leaves any old file untouched (and
+    the temporary file of a killed save is removed by the next save, kvsplice.paths)."""
+    atomic_write_bytes(Path(path), serialize(geometry))
 
 
 def deserialize(data: bytes, source: str = "<bytes>") -> Geometry:
     """The inverse of `serialize`; GeometryError (naming `source`) on anything wrong."""
+    _check_header_size(len(data), data[:8], source)
     try:
         tensors = st_load(data)
         n = struct.unpack("<Q", data[:8])[0]
-        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        header = json.loads(data[8 : 8 + n])
     except Exception as e:  # safetensors raises its own error types; the message is what matters
         raise GeometryError(f"{source}: not a readable safetensors file (corrupted or truncated?): {e}") from e
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise GeometryError(f"{source}: safetensors metadata must be an object of strings, found {type(metadata).__name__}")
     if metadata.get("format") != FORMAT:
         raise GeometryError(f"{source}: not a kvsplice geometry file (format={metadata.get('format')!r}, expected {FORMAT!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -206,14 +195,21 @@ def deserialize(data: bytes, source: str = "<bytes>") -> Geometry:
         raise GeometryError(f"{source}: checksum mismatch: the file is corrupted or was edited")
     try:
         keys = [tuple(int(v) for v in k) for k in json.loads(metadata["keys"])]
+        if any(len(k) != 2 for k in keys):
+            raise GeometryError(f"metadata 'keys' must be [layer, head] pairs, found {keys[:5]}")
         meta = json.loads(metadata["meta"])
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise GeometryError(f"metadata 'meta' must be a JSON object of strings, found {str(metadata['meta'])[:80]!r}")
         codecs: dict[tuple[int, int], Codec] = {}
         used: set[str] = set()
         for layer, head in keys:
             prefix = f"{layer}.{head}."
             own = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
             used.update(prefix + n for n in own)
-            codec = Codec.from_state(own, json.loads(metadata[f"codec/{layer}.{head}"]))
+            cmeta = json.loads(metadata[f"codec/{layer}.{head}"])
+            if not isinstance(cmeta, dict):
+                raise GeometryError(f"metadata 'codec/{layer}.{head}' must be a JSON object, found {type(cmeta).__name__}")
+            codec = Codec.from_state(own, cmeta)
             _probe(codec, (layer, head))
             codecs[(layer, head)] = codec
     except GeometryError as e:
@@ -222,7 +218,10 @@ def deserialize(data: bytes, source: str = "<bytes>") -> Geometry:
         raise GeometryError(f"{source}: inconsistent geometry file: {type(e).__name__}: {e}") from e
     if set(tensors) - used:
         raise GeometryError(f"{source}: tensors that belong to no key: {sorted(set(tensors) - used)}")
-    geometry = Geometry(codecs, meta)
+    try:
+        geometry = Geometry(codecs, meta)
+    except GeometryError as e:
+        raise GeometryError(f"{source}: {e}") from e
     if metadata.get("rank") != str(geometry.rank):
         raise GeometryError(f"{source}: metadata rank {metadata.get('rank')!r} but the codecs have rank {geometry.rank}")
     hd = metadata.get("head_dim", "")
@@ -240,11 +239,28 @@ def _probe(codec: Codec, key: tuple[int, int]) -> None:
         raise GeometryError(f"codec {key} does not round-trip a probe vector: latent {tuple(z.shape)}, output {tuple(x.shape)}")
 
 
+def _check_header_size(size: int, first8: bytes, source: str) -> None:
+    """GeometryError unless the 8-byte header length fits in the file and under MAX_HEADER_BYTES."""
+    if size < 8 or len(first8) < 8:
+        raise GeometryError(f"{source}: not a readable safetensors file: {size} bytes, shorter than its 8-byte header length")
+    n = struct.unpack("<Q", first8[:8])[0]
+    if n > size - 8 or n > MAX_HEADER_BYTES:
+        raise GeometryError(f"{source}: safetensors header claims {n} bytes; the file has {size - 8} after the length "
+                            f"field (limit {MAX_HEADER_BYTES}): corrupted or not a geometry file")
+
+
 def load_geometry(path: str | os.PathLike) -> Geometry:
-    """Read a file written by `save_geometry`; GeometryError on a missing/corrupted/mismatched file."""
+    """Read a file written by `save_geometry`; GeometryError on a missing/corrupted/mismatched file.
+    The header length is checked against the file size before the body is read."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first8 = f.read(8)
+            _check_header_size(size, first8, str(p))
+            data = first8 + f.read()
+    except IsADirectoryError as e:
+        raise GeometryError(f"geometry path {p} is a directory; expected a .safetensors file") from e
     except OSError as e:
-        raise GeometryError(f"cannot read geometry file {p}: {e}") from e
+        raise GeometryError(f"cannot read geometry file {p}: {e.strerror or e}") from e
     return deserialize(data, str(p))

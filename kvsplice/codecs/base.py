@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +29,44 @@ import torch
 from kvsplice.errors import CodecError
 
 CODECS: dict[str, type["Codec"]] = {}
+
+# Largest |value| a state tensor in activation units (means, knots, clips) may hold. Every codec
+# computes in float32: squares of 1e6 (1e12) summed over any head dimension stay ~1e20 below
+# float32's max (3.4e38), while |x| >= 1e20 overflows to inf and then NaN (perplexity "nan").
+# No real K/V activation comes near it (fp16 caches overflow at 65504).
+VALUE_BOUND = 1e6
+# Largest vector dimension a codec file may declare: a joint codec over 64 KV heads of 1024 dims.
+# Codecs without state tensors (identity, uniform) take dim from the metadata alone; a crafted
+# dim of 1e8 would otherwise allocate gigabytes on the first probe.
+MAX_DIM = 1 << 16
+_DTYPES = {"float": torch.float32, "int": torch.int64}  # what every fit produces; files must match
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a codec expects of one state tensor: exact `shape`, `kind` ("float": float32, "int":
+    int64), |values| <= `bound` (finite always), and whether it may be absent (`optional`)."""
+
+    shape: tuple[int, ...]
+    kind: str = "float"
+    bound: float = VALUE_BOUND
+    optional: bool = False
+
+
+def check_orthonormal_columns(name: str, what: str, m: torch.Tensor, tol: float = 1e-3) -> None:
+    """CodecError unless m (D, k) has orthonormal columns (|m^T m - I| <= tol): bases, rotations."""
+    m64 = m.double()
+    err = float((m64.T @ m64 - torch.eye(m.shape[1], dtype=torch.float64, device=m.device)).abs().max())
+    if not err <= tol:
+        raise CodecError(f"{name} state: {what} must have orthonormal columns, found max |M^T M - I| = {err:.3g}")
+
+
+def check_increasing(name: str, what: str, t: torch.Tensor, strict: bool) -> None:
+    """CodecError unless t (D, K) increases along K (strictly when `strict`)."""
+    d = t[:, 1:] - t[:, :-1]
+    ok = bool((d > 0).all()) if strict else bool((d >= 0).all())
+    if not ok:
+        raise CodecError(f"{name} state: {what} must be {'strictly increasing' if strict else 'non-decreasing'} along the knot axis")
 
 
 def register(cls: type["Codec"]) -> type["Codec"]:
@@ -136,12 +175,57 @@ class Codec(ABC):
             codec.info = json.loads(metadata.get("info", "{}"))
         except (KeyError, ValueError, TypeError) as e:
             raise CodecError(f"codec metadata is incomplete or malformed: {e}") from e
+        if not 1 <= codec.dim <= MAX_DIM:  # before anything allocates dim-sized buffers (probes, caches)
+            raise CodecError(f"codec metadata: dim must be in [1, {MAX_DIM}], found {codec.dim}")
+        if not isinstance(codec.info, dict):
+            raise CodecError(f"codec metadata: info must be a JSON object, found {type(codec.info).__name__}")
+        codec.validate_state(tensors)
         codec.load_state_tensors(tensors)
         if codec.latent_dim != int(metadata["latent_dim"]):
             raise CodecError(
                 f"codec latent_dim mismatch: metadata says {metadata['latent_dim']}, tensors give {codec.latent_dim}"
             )
         return codec
+
+    # -- state validation (run on every load, before the tensors are used) ----------------------------
+    def state_spec(self) -> dict[str, TensorSpec]:
+        """{name: TensorSpec} of the state tensors this codec (params and dim set) expects. Codecs with
+        state override this; the default is none."""
+        return {}
+
+    def check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Codec-specific checks beyond shape/dtype/bounds (orthonormal bases, monotone knots...).
+        Called by `validate_state` after the spec checks passed."""
+
+    def validate_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """CodecError unless `tensors` are exactly what `state_spec()` declares: the same names (no
+        extra, none missing unless optional), exact shapes and dtypes, finite values with |x| <= bound;
+        then `check_state`. A file that passes loads into a codec that computes finite results."""
+        spec = self.state_spec()
+        extra = sorted(set(tensors) - set(spec))
+        missing = sorted(n for n, s in spec.items() if n not in tensors and not s.optional)
+        if extra or missing:
+            raise CodecError(f"{self.name} state: expected tensors {sorted(spec)}, found {sorted(tensors)}"
+                             f" (missing {missing}, unexpected {extra})")
+        for n, s in spec.items():
+            t = tensors.get(n)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise CodecError(f"{self.name} state: {n} must be a tensor, found {type(t).__name__}")
+            want = _DTYPES[s.kind]
+            if t.dtype != want or tuple(t.shape) != tuple(s.shape):
+                raise CodecError(f"{self.name} state: {n} must be {want} of shape {tuple(s.shape)}, "
+                                 f"found {t.dtype} of shape {tuple(t.shape)}")
+            if t.numel() == 0:
+                continue
+            if s.kind == "float" and not bool(torch.isfinite(t).all()):
+                raise CodecError(f"{self.name} state: {n} has {int((~torch.isfinite(t)).sum())} non-finite values (NaN/inf)")
+            top = float(t.abs().max())
+            if not top <= s.bound:
+                raise CodecError(f"{self.name} state: {n} has |value| up to {top:.3g}, more than the {s.bound:.3g} "
+                                 "this codec can compute with (corrupted or absurd geometry)")
+        self.check_state(tensors)
 
     # -- shared input checks ----------------------------------------------------------------------
     def _check_fit_input(self, x: torch.Tensor, min_rows: int = 2) -> torch.Tensor:

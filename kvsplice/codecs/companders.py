@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from kvsplice.codecs.base import TensorSpec, check_increasing
 from kvsplice.errors import CodecError
 
 
@@ -58,6 +59,13 @@ class Warp:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
+    def state_spec(self, D: int) -> dict[str, TensorSpec]:
+        """{name: TensorSpec} of this warp's state for dimension D (see Codec.state_spec)."""
+        return {}
+
+    def check_state(self, tensors: dict[str, torch.Tensor], owner: str) -> None:
+        """Checks beyond the spec (monotone knots, positive slopes); `owner` names the codec."""
+
 
 class PiecewiseLinearWarp(Warp):
     """Knots xk (D, K), values yk (D, K), both strictly increasing along K."""
@@ -83,6 +91,11 @@ class PiecewiseLinearWarp(Warp):
             raise CodecError(f"{self.kind} warp state is missing tensor {e}") from e
         if self.xk.shape != self.yk.shape or self.xk.ndim != 2:
             raise CodecError(f"{self.kind} warp: knots {tuple(self.xk.shape)} and values {tuple(self.yk.shape)} must be equal (D, K)")
+
+    def check_state(self, tensors: dict[str, torch.Tensor], owner: str) -> None:
+        # interpolation divides by knot gaps: repeated knots would give NaN
+        for nm in ("xk", "yk"):
+            check_increasing(owner, f"{self.kind} warp {nm}", tensors[nm], strict=True)
 
 
 class BennettWarp(PiecewiseLinearWarp):
@@ -120,6 +133,19 @@ class BennettWarp(PiecewiseLinearWarp):
         span = 8 * width[:, None]
         self.xk = torch.cat([xk[:, :1] - span, xk, xk[:, -1:] + span], 1).float()
         self.yk = torch.cat([yk[:, :1] - span, yk, yk[:, -1:] + span], 1).float()
+        # a (nearly) constant dimension has no density to follow: its knots collapse in float32 and
+        # the warp would divide by zero (NaN, then a LinAlgError in the rotation fit)
+        flat = torch.nonzero(((self.xk.diff(dim=1) <= 0) | (self.yk.diff(dim=1) <= 0)).any(1)).flatten().tolist()
+        if flat:
+            raise CodecError(
+                f"bennett warp: dimension(s) {flat[:10]}{' ...' if len(flat) > 10 else ''} of {D} are constant on the "
+                f"calibration data (quantile range {float(width[flat[0]]):.3g}); a compander needs spread: "
+                "use a codec without a warp (e.g. pca-q) or more varied calibration data"
+            )
+
+    def state_spec(self, D: int) -> dict[str, TensorSpec]:
+        K = self.knots + 2  # fit adds one linear end segment on each side
+        return {"xk": TensorSpec((D, K)), "yk": TensorSpec((D, K))}
 
 
 class SplineWarp(Warp):
@@ -164,6 +190,16 @@ class SplineWarp(Warp):
             raise CodecError(f"{self.kind} warp state is missing tensor {e}") from e
         if not bool((self.g.slopes > 0).all()):
             raise CodecError(f"{self.kind} warp: slopes must be > 0 (monotone warp)")
+
+    def state_spec(self, D: int) -> dict[str, TensorSpec]:
+        K = self.knots
+        return {"xk": TensorSpec((D, K)), "yk": TensorSpec((D, K)), "slopes": TensorSpec((D, K - 1))}
+
+    def check_state(self, tensors: dict[str, torch.Tensor], owner: str) -> None:
+        if not bool((tensors["slopes"] > 0).all()):
+            raise CodecError(f"{owner} state: {self.kind} warp slopes must be > 0 (monotone warp)")
+        for nm in ("xk", "yk"):
+            check_increasing(owner, f"{self.kind} warp {nm}", tensors[nm], strict=False)
 
 
 class QSplineWarp(SplineWarp):

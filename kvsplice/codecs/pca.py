@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvsplice.codecs.base import Codec, register
+from kvsplice.codecs.base import Codec, TensorSpec, check_orthonormal_columns, register
 from kvsplice.errors import CodecError
 
 
@@ -69,6 +69,13 @@ class PCA(Codec):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.mean, self.basis = tensors["mean"], tensors["basis"]
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        D = int(self.dim)
+        return {"mean": TensorSpec((D,)), "basis": TensorSpec((D, self.k), bound=1 + 1e-3)}
+
+    def check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        check_orthonormal_columns(self.name, "basis", tensors["basis"])
 
     @property
     def latent_dim(self) -> int:

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from kvsplice.codecs.base import register
+from kvsplice.codecs.base import TensorSpec, register
 from kvsplice.codecs.uniform import Uniform
 from kvsplice.errors import CodecError
 
@@ -78,6 +78,10 @@ class RotatedUniform(Uniform):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"rotation": self.rotation}
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        D = int(self.dim)
+        return {"rotation": TensorSpec((D, D), bound=1 + 1e-3)}  # orthogonality: load_state_tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_state_tensors(tensors)

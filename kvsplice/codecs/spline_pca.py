@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kvsplice.codecs.base import Codec, register
+from kvsplice.codecs.base import Codec, TensorSpec, check_increasing, check_orthonormal_columns, register
 from kvsplice.codecs.pca import check_rank, fit_pca
 from kvsplice.codecs.spline import Warp, identity_params, quantile_knots, resolve
 from kvsplice.errors import CodecError
@@ -217,6 +217,18 @@ class SplinePCA(Codec):
                 raise CodecError(f"spline-pca state: {nm} must be non-decreasing along the knot axis")
         self.warp = Warp(tensors["knots_x"], tensors["knots_y"], tensors["slopes"])
         self.mean, self.basis = tensors["mean"], tensors["basis"]
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        d, k, kn = int(self.dim), self.k, self.knots
+        return {"knots_x": TensorSpec((d, kn)), "knots_y": TensorSpec((d, kn)), "slopes": TensorSpec((d, kn - 1)),
+                "mean": TensorSpec((d,)), "basis": TensorSpec((d, k), bound=1 + 1e-3)}
+
+    def check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not bool((tensors["slopes"] > 0).all()):
+            raise CodecError(f"{self.name} state: slopes must be > 0 (monotone warp)")
+        for nm in ("knots_x", "knots_y"):
+            check_increasing(self.name, nm, tensors[nm], strict=False)
+        check_orthonormal_columns(self.name, "basis", tensors["basis"])
 
     @property
     def latent_dim(self) -> int:
