@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from kvsplice.codecs.base import Codec, register
+from kvsplice.codecs.base import Codec, TensorSpec, check_orthonormal_columns, register
 from kvsplice.codecs.companders import WARPS, make_warp
 from kvsplice.codecs.pca import fit_pca
 from kvsplice.codecs.quant import (
@@ -218,6 +218,26 @@ class TransformQ(Codec):
         if int(self.alloc.sum()) != self.code_bits(D):
             raise CodecError(f"{self.name}: stored allocation sums to {int(self.alloc.sum())} bits, params give {self.code_bits(D)}")
         self._kept = None
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        D = int(self.dim)
+        spec = {"mean": TensorSpec((D,)), "rotation": TensorSpec((D, D), bound=1 + 1e-3), "ymean": TensorSpec((D,)),
+                "alloc": TensorSpec((D,), kind="int", bound=MAX_BITS), "clip": TensorSpec((D,)),
+                "pre": TensorSpec((D, D), optional=True), "post": TensorSpec((D, D), optional=True)}
+        spec.update({f"warp.{k}": v for k, v in self.warp.state_spec(D).items()})
+        return spec
+
+    def check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        check_orthonormal_columns(self.name, "rotation", tensors["rotation"])
+        if bool((tensors["alloc"] < 0).any()) or bool((tensors["clip"] < 0).any()):
+            raise CodecError(f"{self.name} state: alloc (bits) and clip must be >= 0")
+        if ("pre" in tensors) != ("post" in tensors):
+            raise CodecError(f"{self.name} state has only one of the metric tensors 'pre'/'post'")
+        if "pre" in tensors:  # M^(1/2) @ M^(-1/2) = I, else decode does not invert encode
+            err = float((tensors["pre"].double() @ tensors["post"].double() - torch.eye(int(self.dim), dtype=torch.float64, device=tensors["pre"].device)).abs().max())
+            if not err <= 1e-2:
+                raise CodecError(f"{self.name} state: metric factors pre @ post must be the identity, found max error {err:.3g}")
+        self.warp.check_state({k[5:]: v for k, v in tensors.items() if k.startswith("warp.")}, self.name)
 
     @property
     def latent_dim(self) -> int:
