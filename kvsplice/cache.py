@@ -30,180 +30,18 @@ is encoded on arrival.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvsplice.codecs.base import Codec
-from kvsplice.errors import CodecError, GeometryError, KVSpliceError, ModelError
+from kvsplice.errors import GeometryError, KVSpliceError, ModelError
 from kvsplice.pruning import VOnlyPruner, attention_mass
+from kvsplice.rows import LayerCodec, TokenIndex, _Rows
+
+__all__ = ["BatchMapMixin", "CacheFactory", "CacheMemory", "CompressedCache", "CompressedLayer", "LayerCodec", "model_layout"]
 
 STRATEGIES = ("A", "B")
-
-
-class LayerCodec:
-    """The codecs of one layer for K or V: one per KV head, or one joint codec over the concatenated
-    heads (geometry head index -1; vector = concat of heads, dim H * head_dim).
-
-    encode(x (B, H, T, D)) -> {name: (B, H', T, *)} (H' = H per head, 1 joint); decode inverts it.
-    """
-
-    def __init__(self, codecs: Sequence[Codec], joint: bool = False, num_heads: int | None = None) -> None:
-        codecs = list(codecs)
-        if not codecs or any(c.dim is None for c in codecs):
-            raise CodecError("LayerCodec needs fitted codecs (dim set); got none or an unfitted one")
-        if joint and (len(codecs) != 1 or not num_heads or codecs[0].dim % num_heads):
-            raise CodecError(
-                f"a joint LayerCodec takes one codec whose dim is a multiple of num_heads; got {len(codecs)} "
-                f"codec(s), dim {codecs[0].dim}, num_heads {num_heads}"
-            )
-        if not joint and len({c.dim for c in codecs}) != 1:
-            raise CodecError(f"per-head codecs of one layer must share one dim, got {[c.dim for c in codecs]}")
-        self.codecs, self.joint = codecs, joint
-        self.num_heads = num_heads if joint else len(codecs)
-        self.head_dim = codecs[0].dim // self.num_heads if joint else codecs[0].dim
-
-    @classmethod
-    def from_geometry(cls, geometry: Any, layer: int) -> "LayerCodec | None":
-        """The codecs of `layer` in a Geometry (API.md), or None when the geometry skips that layer."""
-        heads = sorted(h for (l, h) in geometry.codecs if l == layer)
-        if not heads:
-            return None
-        if heads == [-1]:
-            try:
-                num_heads = int(geometry.meta["num_kv_heads"])
-            except (KeyError, ValueError) as e:
-                raise GeometryError(f"joint geometry needs meta['num_kv_heads'] (an int): {e}") from e
-            return cls([geometry.codecs[(layer, -1)]], joint=True, num_heads=num_heads)
-        if heads != list(range(len(heads))):
-            raise GeometryError(f"layer {layer}: expected heads 0..H-1 (or -1 for joint), found {heads}")
-        return cls([geometry.codecs[(layer, h)] for h in heads])
-
-    def check(self, num_heads: int, head_dim: int, what: str) -> None:
-        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
-            raise CodecError(
-                f"{what} codec expects {self.num_heads} heads of dim {self.head_dim}, "
-                f"the model gives {num_heads} heads of dim {head_dim}"
-            )
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> "LayerCodec":
-        """A copy with every codec tensor on `device` (floating ones in `dtype`); self is unchanged."""
-        moved = [Codec.from_state(c.state_tensors(), c.metadata()).to(device, dtype) for c in self.codecs]
-        return LayerCodec(moved, self.joint, self.num_heads)
-
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.joint:
-            B, H, T, D = x.shape
-            return {k: v.unsqueeze(1) for k, v in self.codecs[0].encode(x.transpose(1, 2).reshape(B, T, H * D)).items()}
-        per_head = [c.encode(x[:, h]) for h, c in enumerate(self.codecs)]
-        return {k: torch.stack([p[k] for p in per_head], dim=1) for k in per_head[0]}
-
-    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.joint:
-            y = self.codecs[0].decode({k: v[:, 0] for k, v in payload.items()})  # (B, T, H * D)
-            B, T, _ = y.shape
-            return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        return torch.stack([c.decode({k: v[:, h] for k, v in payload.items()}) for h, c in enumerate(self.codecs)], 1)
-
-    def skip(self, n: int) -> None:
-        """n rows of the sequence bypass this codec (kept exact as attention sinks). Position-aware
-        codecs (kvsplice/kcodec.py) advance their position counter; others need nothing."""
-
-    def bytes_per_token(self, dtype: torch.dtype = torch.float32) -> float:
-        """Payload bytes of one token (all KV heads of the layer) when the cache runs in `dtype`."""
-        return float(sum(c.payload_bytes_per_vector(dtype) for c in self.codecs))
-
-
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, Hx, T, *), idx (B, G, K) with G in (1, Hx) -> (B, Hx, K, *)."""
-    B, Hx, K = x.shape[0], x.shape[1], idx.shape[-1]
-    if idx.shape[1] != Hx:
-        if idx.shape[1] != 1:
-            raise KVSpliceError(f"cannot select {idx.shape[1]} per-head row sets from a tensor with {Hx} heads")
-        idx = idx.expand(B, Hx, K)
-    idx = idx.reshape(B, Hx, K, *([1] * (x.ndim - 3))).expand(B, Hx, K, *x.shape[3:])
-    return x.gather(2, idx)
-
-
-class _Rows:
-    """K or V rows of one layer, in token order: the first `sink` rows exact (attention sinks), codec
-    payload (older rows), then raw rows (the newest `window`, plus, under strategy A, the current step's
-    rows until the selection). Without a codec every row is raw."""
-
-    def __init__(self, codec: LayerCodec | None, window: int, sink: int = 0) -> None:
-        self.codec, self.window, self.sink = codec, window, sink
-        self.payload: dict[str, torch.Tensor] | None = None  # {name: (B, H', P, *)}
-        self.raw: torch.Tensor | None = None  # (B, H, R, D)
-        self.head: torch.Tensor | None = None  # (B, H, <= sink, D): the first rows, never encoded
-
-    def init(self, like: torch.Tensor, what: str) -> None:
-        if self.codec is not None:
-            self.codec.check(like.shape[1], like.shape[3], what)
-            self.codec = self.codec.to(like.device, like.dtype)
-        self.payload, self.raw, self.head = None, like[:, :, :0], like[:, :, :0]
-
-    @property
-    def num_payload(self) -> int:
-        return 0 if self.payload is None else next(iter(self.payload.values())).shape[2]
-
-    def push(self, x: torch.Tensor, encode_now: bool = True) -> None:
-        n = min(self.sink - self.head.shape[2], x.shape[2]) if self.codec is not None else 0
-        if n > 0:  # the sequence's first rows: kept exact; the codec learns their positions were used
-            self.head, x = torch.cat([self.head, x[:, :, :n]], dim=2), x[:, :, n:]
-            self.codec.skip(n)
-        self.raw = torch.cat([self.raw, x], dim=2)
-        if encode_now:
-            self._spill()
-
-    def _spill(self) -> None:
-        """Encode the raw rows that fell out of the window."""
-        n = self.raw.shape[2] - self.window
-        if self.codec is not None and n > 0:
-            self._extend(self.codec.encode(self.raw[:, :, :n]))
-            self.raw = self.raw[:, :, n:]
-
-    def _extend(self, enc: dict[str, torch.Tensor]) -> None:
-        self.payload = enc if self.payload is None else {k: torch.cat([v, enc[k]], 2) for k, v in self.payload.items()}
-
-    def read(self) -> torch.Tensor:
-        """(B, H, S, D) in the model dtype: sink rows, decoded payload, then raw rows."""
-        parts = [self.head] if self.head is not None and self.head.shape[2] else []
-        if self.payload is not None:
-            parts.append(self.codec.decode(self.payload).to(self.raw.dtype))
-        return torch.cat(parts + [self.raw], dim=2) if parts else self.raw
-
-    def select(self, idx: torch.Tensor) -> None:
-        """Keep rows idx (B, G, K), ascending; encode kept raw rows that leave the window."""
-        if self.codec is None:
-            self.raw = _gather_rows(self.raw, idx)
-            return
-        P, K = self.num_payload, idx.shape[-1]
-        keep_raw = min(self.window, K)
-        head, tail = idx[..., : K - keep_raw], idx[..., K - keep_raw :]
-        if keep_raw and bool((tail < P).any()):
-            raise KVSpliceError("internal: the full-precision window rows must always be kept (window <= recency)")
-        new_raw = _gather_rows(self.raw, tail - P)
-        is_raw = head >= P  # kept rows still raw: encode them now (ascending, so they end each row set)
-        m = int(is_raw.sum(-1).max()) if head.numel() else 0
-        if m:
-            Kh = head.shape[-1]
-            self._extend(self.codec.encode(_gather_rows(self.raw, (head[..., Kh - m :] - P).clamp_min(0))))
-            head = torch.where(is_raw, P + torch.arange(Kh, device=idx.device) - (Kh - m), head)
-        if self.payload is not None:
-            self.payload = {k: _gather_rows(v, head) for k, v in self.payload.items()}
-        self.raw = new_raw
-
-    def nbytes(self) -> tuple[int, int]:
-        """(payload bytes, raw bytes: window + sink rows) actually held."""
-        p = sum(v.nbytes for v in self.payload.values()) if self.payload is not None else 0
-        return p, sum(t.nbytes for t in (self.raw, self.head) if t is not None)
-
-    def map_batch(self, fn) -> None:
-        if self.payload is not None:
-            self.payload = {k: fn(v) for k, v in self.payload.items()}
-        if self.raw is not None:
-            self.raw, self.head = fn(self.raw), fn(self.head)
 
 
 class BatchMapMixin:
@@ -234,10 +72,17 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         strategy: str = "A",
         layer_idx: int | None = None,
         sink: int = 0,
+        tokens: TokenIndex | None = None,
     ) -> None:
         super().__init__()
         self.v_codec, self.k_codec, self.pruner = v_codec, k_codec, pruner
         self.window, self.strategy, self.layer_idx, self.sink = window, strategy, layer_idx, sink
+        # crop keeps "as if never written": rows are coded one by one on arrival, so dropping the newest
+        # rows is exact; a window (rows already spilled) or a pruner (rows already evicted) cannot undo
+        self.is_croppable = pruner is None and window == 0
+        position_aware = getattr(k_codec, "position_aware", False)
+        self.own_tokens = tokens is None and (position_aware or sink > 0)  # a layer used on its own
+        self.tokens = TokenIndex(sink, position_aware) if self.own_tokens else tokens
         # pruning with a joint codec: one row set shared by the layer's heads (a joint payload row
         # holds every head of a token)
         self.shared_selection = any(c is not None and c.joint for c in (v_codec, k_codec))
@@ -246,8 +91,10 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.keys = self.values = None  # not used: rows live in k_rows / v_rows
-        self.k_rows = _Rows(self.k_codec, self.window, self.sink)
-        self.v_rows = _Rows(self.v_codec, self.window, self.sink)
+        self.k_rows = _Rows(self.k_codec, self.window, self.sink, self.tokens)
+        self.v_rows = _Rows(self.v_codec, self.window, self.sink, self.tokens)
+        if self.tokens is not None:
+            self.tokens.reset()
         self.length = 0  # logical tokens per sequence
         self.positions = self.mass = self.exposure = None  # (B, G, S), pruning only
         self.key_positions = None  # (B, G, S + q) while a step awaits its selection
@@ -270,14 +117,18 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         """Store the step's K/V (B, H, q, D); return K/V of every row the step attends to, (B, H, S + q, D)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[2]
+        B, _, q, _ = key_states.shape
+        hook = kwargs.get("kwargs")
+        assign = None
+        if self.tokens is not None:  # positions / sink slots of the step's rows, from the model's position_ids
+            pos = hook.get("position_ids") if isinstance(hook, dict) else None
+            assign = self.tokens.observe(self.length, pos, B, q, key_states.device)
         if self.pruner is not None:
             if self.key_positions is not None:
                 raise ModelError(
                     "a CompressedCache with a pruner needs the 'kvsplice' attention implementation (it hands the "
                     "attention probabilities back to the cache); call kvsplice.attention.prepare_model(model) first"
                 )
-            hook = kwargs.get("kwargs")
             if not isinstance(hook, dict):
                 raise ModelError(
                     "this model's attention does not pass its kwargs to cache.update; pruning cannot score it"
@@ -286,8 +137,8 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
             new = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device)
             self.key_positions = torch.cat([self.positions, new.expand(*self.positions.shape[:2], q)], dim=2)
         encode_now = self.pruner is None or self.strategy == "B"
-        self.k_rows.push(key_states, encode_now)
-        self.v_rows.push(value_states, encode_now)
+        self.k_rows.push(key_states, encode_now, assign)
+        self.v_rows.push(value_states, encode_now, assign)
         self.length += q
         return self.k_rows.read(), self.v_rows.read()
 
@@ -330,11 +181,31 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         self.v_rows.map_batch(fn)
         if self.pruner is not None:
             self.positions, self.mass, self.exposure = fn(self.positions), fn(self.mass), fn(self.exposure)
+        if self.own_tokens:  # a shared TokenIndex is mapped once by CompressedCache
+            self.tokens.map_batch(fn)
         self.batch_size = self.k_rows.raw.shape[0]
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError("CompressedCache cannot be cropped (rows may be encoded or pruned)")
+        """Remove the newest -tokens_to_remove tokens (transformers 5.x: a count <= 0), as if never written.
+        Refused (KVSpliceError naming the mode) with a window or a pruner: see `is_croppable`."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise KVSpliceError(f"crop takes minus the number of tokens to remove (<= 0), got {tokens_to_remove!r}")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if not self.is_croppable:
+            mode = f"a pruner ({type(self.pruner).__name__})" if self.pruner is not None else f"window={self.window}"
+            raise KVSpliceError(
+                f"a CompressedCache with {mode} cannot be cropped (rows already coded or evicted cannot be restored); "
+                "assisted decoding and prompt lookup need window=0 and no pruner"
+            )
+        if n > self.length:
+            raise KVSpliceError(f"cannot crop {n} tokens from a cache holding {self.length}")
+        self.k_rows.crop(n)
+        self.v_rows.crop(n)
+        self.length -= n
+        if self.tokens is not None:
+            self.tokens.crop_to(self.length)
 
     def memory(self) -> dict[str, int]:
         kp, kr = self.k_rows.nbytes()
@@ -346,7 +217,8 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         return {
             "k_bytes": kp + kr - k_win,
             "v_bytes": vp + vr - v_win,
-            "index_bytes": self.positions.nbytes if self.positions is not None else 0,
+            "index_bytes": (self.positions.nbytes if self.positions is not None else 0)
+            + (self.tokens.nbytes() if self.own_tokens else 0),
             "window_bytes": k_win + v_win,
             "v_window_bytes": v_win,
             "other_bytes": other,
@@ -362,7 +234,8 @@ class CacheMemory:
 
     k_bytes: K rows (raw, or K codec payload). v_bytes: V codec payload (raw V for layers without codec).
     window_bytes: full-precision window and sink rows of codec'd K/V (v_window_bytes: the V part of it).
-    index_bytes: kept-row positions (pruning). other_bytes: pruning statistics (mass, exposure).
+    index_bytes: kept-row positions (pruning); the rows' token positions (pre-RoPE K codecs) and each
+    sequence's sink rows (sink), held once per cache. other_bytes: pruning statistics (mass, exposure).
     total_bytes: k + v + index + window + other. uncompressed_bytes: what a DynamicCache in the model
     dtype holds for the same tokens. tokens: logical length per sequence. batch: sequences.
     """
@@ -412,8 +285,15 @@ class CompressedCache(Cache):
     pruner: VOnlyPruner (needs `kvsplice.attention.prepare_model(model)`). window: newest rows kept in
     full precision (with a pruner, window <= pruner.recency). strategy: "A" or "B" (module docstring).
     sink: the first `sink` rows of every sequence kept in full precision (the attention-sink token:
-    coding it costs far more perplexity than its bytes; not combinable with a pruner). Sink rows are
-    counted in `window_bytes`.
+    coding it costs far more perplexity than its bytes; not combinable with a pruner). "First" means
+    each sequence's first REAL tokens, by the positions the model passes (left padding: see
+    kvsplice/rows.py `TokenIndex`). Sink rows are also coded (the payload stays aligned across the
+    batch); their exact copies are counted in `window_bytes`, their row indices in `index_bytes`.
+
+    Generation modes (transformers >= 5.24 `generate`): greedy, sampling, beam search (every
+    per-sequence tensor is reordered), left-padded batches, multi-turn reuse of one cache, and, when
+    `is_croppable` (window 0, no pruner), assisted decoding and prompt lookup. One cache holds one
+    conversation: for a pipeline or any repeated `generate`, use `CompressedCache.factory(...)`.
     """
 
     def __init__(
@@ -452,10 +332,42 @@ class CompressedCache(Cache):
                 f"window ({window}) must be <= pruner.recency ({pruner.recency}): window rows are never pruned"
             )
         self.pruner, self.window, self.strategy = pruner, window, strategy
+        position_aware = any(getattr(c, "position_aware", False) for c in k_codecs)
+        # one TokenIndex for all layers: every layer sees the same tokens (stored and counted once)
+        self.tokens = TokenIndex(sink, position_aware) if (sink or position_aware) else None
         layers = [
-            CompressedLayer(v, k, pruner, window, strategy, i, sink) for i, (v, k) in enumerate(zip(v_codecs, k_codecs))
+            CompressedLayer(v, k, pruner, window, strategy, i, sink, self.tokens)
+            for i, (v, k) in enumerate(zip(v_codecs, k_codecs))
         ]
         super().__init__(layers=layers)
+
+    @classmethod
+    def factory(cls, model: Any, **kwargs: Any) -> "CacheFactory":
+        """A callable returning a fresh cache per call (`from_geometry(model, **kwargs)`); checks the
+        arguments now. `with CompressedCache.factory(model, ...).installed(model): pipe(prompts)` gives
+        every `model.generate` call (pipelines included) its own cache."""
+        return CacheFactory(lambda: cls.from_geometry(model, **kwargs))
+
+    # -- transformers Cache contract: batch operations map the shared TokenIndex once --
+    def _map_tokens(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.tokens is not None:
+            self.tokens.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_tokens(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_tokens(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_tokens(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        """-1: no maximum (kept for callers of the transformers 4.x Cache API)."""
+        return -1
 
     @classmethod
     def from_geometry(
@@ -507,6 +419,7 @@ class CompressedCache(Cache):
         """Bytes held now (sum of tensor.nbytes), all layers."""
         per = [layer.memory() for layer in self.layers]
         tot = {k: sum(p[k] for p in per) for k in per[0]}
+        tot["index_bytes"] += self.tokens.nbytes() if self.tokens is not None else 0
         total = tot["k_bytes"] + tot["v_bytes"] + tot["index_bytes"] + tot["window_bytes"] + tot["other_bytes"]
         first = self.layers[0]
         return CacheMemory(
@@ -515,3 +428,51 @@ class CompressedCache(Cache):
             batch=first.batch_size if first.is_initialized else 0,
             **tot,
         )
+
+
+class CacheFactory:
+    """Makes one fresh `CompressedCache` per call. A cache holds one conversation; a pipeline calls
+    `generate` once per prompt (or batch), so it needs a new cache each time:
+
+        factory = CompressedCache.factory(model, v_geometry=v, k_geometry=k, sink=1)
+        out = model.generate(**batch, cache=factory())
+        with factory.installed(model):            # every generate() without a cache gets factory()
+            texts = pipeline("text-generation", model=model, tokenizer=tok)(["a", "b"])
+    """
+
+    def __init__(self, make: Callable[[], CompressedCache]) -> None:
+        self.make = make
+        make()  # fail now (bad geometry, wrong model) rather than inside the first generate
+
+    def __call__(self) -> CompressedCache:
+        return self.make()
+
+    def installed(self, model: Any) -> "_Installed":
+        return _Installed(model, self)
+
+
+class _Installed:
+    """Context manager: `model.generate` gets `cache=factory()` when the call passes none."""
+
+    def __init__(self, model: Any, factory: CacheFactory) -> None:
+        self.model, self.factory = model, factory
+
+    def __enter__(self) -> Any:
+        model, factory = self.model, self.factory
+        original = model.generate  # the bound method
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                kwargs["cache"] = factory()
+            return original(*args, **kwargs)
+
+        self.had_own = "generate" in vars(model)
+        self.previous = vars(model).get("generate")
+        model.generate = generate
+        return model
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.had_own:
+            self.model.generate = self.previous
+        else:
+            del self.model.generate
