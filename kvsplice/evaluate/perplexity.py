@@ -180,11 +180,14 @@ def perplexity_teacher_forced(
     stride: int | None = None,
     max_windows: int | None = None,
     name: str = "",
+    scorer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalRow:
     """Teacher-forced perplexity of ids (N,) in windows of `window` tokens (see module docstring).
 
     make_cache: () -> a fresh cache per window; a cache with a pruner raises ProtocolError.
     stride: window start step (default `window`); max_windows: cap on windows (None: all full ones).
+    scorer: optional (logits (B, T, V), targets (B, T)) -> NLL (B, T), called once per scored slice
+    in order (kvsplice/evaluate/tokenmetrics.py: KL / top-1 against a baseline); default cross-entropy.
     """
     _pos_int(window, "window")
     _pos_int(stride, "stride", allow_none=True)
@@ -220,7 +223,10 @@ def perplexity_teacher_forced(
             # logits index of the first scored prediction: all of the first window, then the last
             # `stride` targets (all window - 1 when stride >= window - 1: non-overlapping windows)
             first = 0 if i == 0 else max(window - stride - 1, 0)
-            nll = F.cross_entropy(logits[0, first:-1].float(), x[0, first + 1 :], reduction="none")  # (scored,)
+            if scorer is not None:
+                nll = scorer(logits[:, first:-1], x[:, first + 1 :])[0]  # (scored,)
+            else:
+                nll = F.cross_entropy(logits[0, first:-1].float(), x[0, first + 1 :], reduction="none")  # (scored,)
             nll_sum += float(nll.sum(dtype=torch.float64))
             count += nll.numel()
             per_window.append(nll.cpu())
@@ -240,6 +246,7 @@ def perplexity_prefill_continue(
     segments: int | None = None,
     batch_size: int = 1,
     name: str = "",
+    scorer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalRow:
     """Prefill-continue perplexity (see module docstring).
 
@@ -247,7 +254,8 @@ def perplexity_prefill_continue(
     `segments`; None: all that fit); `batch_size` segments run together in one cache (batch B, no
     padding needed: equal lengths). Scored per segment: `continue_tokens` predictions, each made by
     feeding one of tokens prefill .. prefill+N-1 through the cache in chunks of `chunk` tokens.
-    token_nll of the result: (segments, continue_tokens).
+    token_nll of the result: (segments, continue_tokens). scorer: as in `perplexity_teacher_forced`
+    (called once per chunk).
     """
     for v, n in ((prefill, "prefill"), (continue_tokens, "continue_tokens"), (chunk, "chunk"), (batch_size, "batch_size")):
         _pos_int(v, n)
@@ -276,7 +284,10 @@ def perplexity_prefill_continue(
                 for j in range(prefill, prefill + continue_tokens, chunk):
                     e = min(j + chunk, prefill + continue_tokens)
                     logits = model(input_ids=x[:, j:e], cache=cache, use_cache=True).logits  # (B, c, V)
-                    nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, j + 1 : e + 1], reduction="none")  # (B, c)
+                    if scorer is not None:
+                        nll = scorer(logits, x[:, j + 1 : e + 1])  # (B, c)
+                    else:
+                        nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, j + 1 : e + 1], reduction="none")  # (B, c)
                     losses.append(nll)
                 nll = torch.cat(losses, dim=1)  # (B, N)
                 nll_sum += float(nll.sum(dtype=torch.float64))
