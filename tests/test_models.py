@@ -228,3 +228,48 @@ def test_smollm2_cache_interrupted_build_leaves_nothing(monkeypatch, tmp_path, b
     with pytest.raises(KeyboardInterrupt):
         load_model("smollm2-135m")
     assert list(final.parent.iterdir()) == []  # neither a half-written cache nor a temp dir
+
+
+# ---- accelerate device_map: CPU + disk offload (the GPU path is the same code with cuda devices) ----
+
+
+def _offloaded(tmp_path, byte_tokenizer):
+    """Tiny Llama saved and reloaded with the embedding and layer 1 offloaded to disk (weights on 'meta'
+    until accelerate's hooks bring them in for each forward)."""
+    model = make_tiny_llama(seed=5)
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer.save_pretrained(tmp_path / "m")
+    dm = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+          "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    loaded, tok = load_model(str(tmp_path / "m"), device_map=dm)
+    assert loaded.model.embed_tokens.weight.device.type == "meta"  # really offloaded
+    return model, loaded, tok
+
+
+def test_device_map_offload_calibrates_like_the_plain_model(tmp_path, byte_tokenizer):
+    from kvsplice.calibrate import CalibrationConfig, collect_layer_vectors
+
+    model, loaded, tok = _offloaded(tmp_path, byte_tokenizer)
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    for target in ("k", "v"):
+        cfg = CalibrationConfig(codec="pca", rank=2, target=target, seq_len=32, samples=1000)
+        want = collect_layer_vectors(model, tok, text, cfg, progress=False).layers
+        got = collect_layer_vectors(loaded, tok, text, cfg, progress=False).layers
+        for layer in (0, 1):
+            torch.testing.assert_close(got[layer], want[layer], atol=1e-6, rtol=1e-5)
+
+
+def test_device_map_offload_compressed_cache_equals_dynamic_cache(tmp_path, byte_tokenizer):
+    from transformers import DynamicCache
+
+    from kvsplice.cache import CompressedCache, LayerCodec
+    from kvsplice.codecs import get_codec
+
+    _, loaded, _ = _offloaded(tmp_path, byte_tokenizer)
+    ident = get_codec("identity").fit(torch.zeros(1, 8))
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(7))
+    logits = []
+    for cache in (DynamicCache(config=loaded.config), CompressedCache(2, [LayerCodec([ident] * 2)] * 2)):
+        with torch.no_grad():
+            logits.append(torch.cat([loaded(ids[:, :6], cache=cache).logits, loaded(ids[:, 6:], cache=cache).logits], 1))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
