@@ -1,4 +1,5 @@
-"""Calibration: text -> model forward with V (or K) hooks -> bounded vector store -> codec fit -> Geometry.
+"""Calibration: text -> model forward, V (or pre-RoPE K) captured where the cache receives it
+(kvsplice/capture.py, via `ModelAdapter.capture`) -> bounded vector store -> codec fit -> Geometry.
 
 Collection. The calibration text is tokenized into one stream and cut into non-overlapping windows
 of `seq_len` tokens (`max_batches` caps how many forward batches of `batch_size` windows run).
@@ -12,8 +13,10 @@ sample of `samples // H_kv` TOKENS per layer, each with all H_kv head vectors, s
     * per-head codecs and a joint codec (head = -1, vector = the H_kv heads concatenated) are fitted
       on the same tokens.
 
-The forward stops (by an exception raised in the last needed hook) right after the V projection
+The forward stops (by an exception raised in the last needed capture) right after the cache update
 of the highest requested layer, so quick runs on a subset of `layers` skip the rest of the model.
+Sharded / offloaded models (accelerate `device_map`): the ids go to the input embedding's device
+(CPU when it is offloaded); accelerate's hooks move activations from layer to layer.
 
 Fit. Per codec key, a seeded random subset of `fit_samples_per_dim * rank` vectors (the seed used
 ~2k vectors per latent dimension; None = all) is passed to `get_codec(codec, ...).fit`.
@@ -165,6 +168,16 @@ class _Reservoir:
         return self.buf[: min(self.seen, self.capacity)]
 
 
+def input_device(model) -> torch.device:
+    """Where token ids go: the input embedding's device, or CPU when its weights are offloaded
+    (device "meta" under an accelerate device_map with cpu/disk offload)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if w is None:
+        w = next(model.parameters())
+    return w.device if w.device.type != "meta" else torch.device("cpu")
+
+
 class _StopForward(Exception):
     """Raised from the last needed hook to skip the rest of the forward pass."""
 
@@ -199,7 +212,7 @@ def collect_layer_vectors(model, tokenizer, text: str, cfg: CalibrationConfig, p
         raise KVSpliceError("calibration text gave no tokens")
     reservoirs = {l: _Reservoir(capacity, cfg.seed * 1_000_003 + l) for l in layers}
     last = layers[-1]
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     def sink(layer: int, x: torch.Tensor) -> None:
         # x: (B, H, T, D) -> (B*T, H, D) on CPU, float32
