@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch
 
 from kvsplice.codecs.base import CODECS, get_codec
 from kvsplice.data import tokenize, windows
-from kvsplice.errors import KVSpliceError
+from kvsplice.errors import KVSpliceError, KVSpliceWarning
 from kvsplice.models import get_adapter
 
 
@@ -279,6 +280,14 @@ def fit_geometry(
         codecs[(layer, head)] = get_codec(cfg.codec, **kwargs).fit(x)
         if fit_seconds is not None:
             fit_seconds[(layer, head)] = time.perf_counter() - t0
+    used = {key: int(min(x.shape[0], _fit_cap(cfg))) for key, x in vectors.items()}
+    few = {key: n for key, n in used.items() if n < codecs[key].min_fit_vectors(vectors[key].shape[1])}
+    if few:
+        key, n = next(iter(sorted(few.items())))
+        need = codecs[key].min_fit_vectors(vectors[key].shape[1])
+        warnings.warn(f"codecs fitted on only {n} vectors for {len(few)} of {len(codecs)} codec(s) (e.g. {key}); {cfg.codec} in "
+                      f"dimension {vectors[key].shape[1]} needs at least {need} to be meaningful: calibrate on more text",
+                      KVSpliceWarning, stacklevel=2)
     meta = dict(meta or {})
     meta.update(
         {
@@ -291,6 +300,11 @@ def fit_geometry(
         }
     )
     return Geometry(codecs=codecs, meta={k: str(v) for k, v in meta.items()})
+
+
+def _fit_cap(cfg: CalibrationConfig) -> float:
+    """Vectors a codec is fitted on at most (fit_samples_per_dim * rank), inf when uncapped."""
+    return float("inf") if cfg.fit_samples_per_dim is None else cfg.fit_samples_per_dim * cfg.rank
 
 
 @dataclass

@@ -15,3 +15,11 @@ class GeometryError(KVSpliceError):
 
 class ModelError(KVSpliceError):
     """A model architecture or checkpoint kvsplice cannot handle."""
+
+
+class NonFiniteError(KVSpliceError):
+    """A model produced NaN/inf logits (or a perplexity came out non-finite): never a silent "nan"."""
+
+
+class KVSpliceWarning(UserWarning):
+    """Something works but is probably not what was meant (e.g. a geometry from another model)."""

@@ -30,15 +30,17 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvsplice.codecs.base import Codec
-from kvsplice.errors import GeometryError, KVSpliceError
+from kvsplice.errors import GeometryError, KVSpliceError, KVSpliceWarning
 from kvsplice.paths import atomic_write_bytes
 
 FORMAT = "kvsplice-geometry"
@@ -98,6 +100,22 @@ class Geometry:
     def rank(self) -> int:
         """Latent dimension k of the codecs (the largest if they differ)."""
         return max(c.latent_dim for c in self.codecs.values())
+
+    def check_model(self, model: Any, allow_other_model: bool = False, source: str = "geometry") -> bool:
+        """Warn (KVSpliceWarning) when meta["model"] names another model than `model` (a loaded model,
+        or its id as a str); `allow_other_model` silences it. Layouts are checked by check_compatible;
+        this catches a geometry of another model WITH the same layout. True when the ids match or the
+        geometry names no model."""
+        from kvsplice.loading import model_id
+
+        want = self.meta.get("model")
+        found = model if isinstance(model, str) else model_id(model)
+        if not want or want == found:
+            return True
+        if not allow_other_model:
+            warnings.warn(f"{source} was calibrated on {want!r}, the model is {found!r}; results may be worse than "
+                          "measured (--allow-other-model / allow_other_model=True silences this)", KVSpliceWarning, stacklevel=2)
+        return False
 
     def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         """GeometryError unless every codec fits a model with these dimensions."""
@@ -249,9 +267,10 @@ def _check_header_size(size: int, first8: bytes, source: str) -> None:
                             f"field (limit {MAX_HEADER_BYTES}): corrupted or not a geometry file")
 
 
-def load_geometry(path: str | os.PathLike) -> Geometry:
+def load_geometry(path: str | os.PathLike, model: Any = None, allow_other_model: bool = False) -> Geometry:
     """Read a file written by `save_geometry`; GeometryError on a missing/corrupted/mismatched file.
-    The header length is checked against the file size before the body is read."""
+    The header length is checked against the file size before the body is read. With `model` (a
+    loaded model or its id), warn when the geometry was calibrated on another model (see check_model)."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -263,4 +282,7 @@ def load_geometry(path: str | os.PathLike) -> Geometry:
         raise GeometryError(f"geometry path {p} is a directory; expected a .safetensors file") from e
     except OSError as e:
         raise GeometryError(f"cannot read geometry file {p}: {e.strerror or e}") from e
-    return deserialize(data, str(p))
+    geometry = deserialize(data, str(p))
+    if model is not None:
+        geometry.check_model(model, allow_other_model, source=f"geometry {p}")
+    return geometry

@@ -39,11 +39,13 @@ def _resolved(p: str | os.PathLike) -> Path:
     return Path(p).expanduser().resolve()
 
 
-def check_outputs(inputs: dict[str, object], outputs: dict[str, object]) -> None:
+def check_outputs(inputs: dict[str, object], outputs: dict[str, object], folders: dict[str, object] | None = None) -> None:
     """OutputPathError unless every output is writable and distinct from every input and output.
 
     inputs / outputs: {flag name: path, list of paths, or None (absent)}, e.g.
     check_outputs({"--geometry": ["a", "b"]}, {"--json": "r.json", "--plot": None}).
+    folders: outputs that are folders (e.g. a recipe): not an input, another output or an existing
+    file; the files written inside them belong in `outputs`.
     """
     def flat(d: dict[str, object]) -> list[tuple[str, Path]]:
         out = []
@@ -54,6 +56,12 @@ def check_outputs(inputs: dict[str, object], outputs: dict[str, object]) -> None
         return out
 
     ins, outs = flat(inputs), flat(outputs)
+    for flag, d in flat(folders or {}):
+        for iflag, q in ins + outs:
+            if d == q:
+                raise OutputPathError(f"{flag} {d} is also {iflag}: writing the folder would overwrite it")
+        if d.exists() and not d.is_dir():
+            raise OutputPathError(f"{flag} {d} is an existing file; expected a folder path")
     seen: dict[Path, str] = {}
     for flag, p in outs:
         for iflag, q in ins:

@@ -187,6 +187,12 @@ class Codec(ABC):
             )
         return codec
 
+    def min_fit_vectors(self, D: int) -> int:
+        """Fewest calibration vectors (N) for a meaningful fit in dimension D; calibration warns below
+        it. Every codec here estimates a D x D covariance (PCA basis or rotation): with N < 4 D its
+        eigenvalues are mostly sampling noise (Marchenko-Pastur spread (1 +- sqrt(D/N))^2 > 2x)."""
+        return 4 * D
+
     # -- state validation (run on every load, before the tensors are used) ----------------------------
     def state_spec(self) -> dict[str, TensorSpec]:
         """{name: TensorSpec} of the state tensors this codec (params and dim set) expects. Codecs with

@@ -33,8 +33,12 @@ def execute(cfg, json_path: str | Path | None, plot_path: str | Path | None, pro
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    def save_partial(partial) -> None:  # every finished row is on disk: Ctrl-C loses at most one row
+        if json_path:
+            write_json(json_path, partial.result)
+
     t0 = time.perf_counter()
-    res = run_ablation(cfg, log=log, progress=progress)
+    res = run_ablation(cfg, log=log, progress=progress, on_row=save_partial)
     wall = time.perf_counter() - t0
     p = cfg.protocol
     base = res.rows[0].name
@@ -59,11 +63,17 @@ def execute(cfg, json_path: str | Path | None, plot_path: str | Path | None, pro
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvsplice.evaluate.ablation import AblationConfig
+    from kvsplice.evaluate.ablation import AblationConfig, geometry_filename
+    from kvsplice.paths import check_outputs
 
     cfg = AblationConfig.from_toml(args.config)
     if args.geometry_dir is not None:
         cfg.geometry_dir = args.geometry_dir
+    geometries = [r.geometry for r in cfg.rows if r.geometry]
+    if cfg.geometry_dir:  # geometries the run may write (or read) there
+        geometries += [str(Path(cfg.geometry_dir) / geometry_filename(*r.geometry_key)) for r in cfg.rows if r.geometry_key]
+    check_outputs({"--config": args.config, "eval_data": cfg.eval_data, "calibration_data": cfg.calibration_data,
+                   "geometry": geometries}, {"--json": args.json, "--plot": args.plot})
     if args.threads is not None:
         if args.threads < 1:
             raise KVSpliceError(f"--threads must be >= 1, got {args.threads}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,6 +130,9 @@ def _row(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvsplice.paths import check_outputs
+
+    check_outputs({"--data": args.data}, {"--json": args.json})  # before any work
     t0 = time.perf_counter()
     if args.synthetic:
         from kvsplice.synthetic import make_synthetic
@@ -163,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
     }
     print(f"{result['seconds']:.1f} s")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        from kvsplice.paths import atomic_write_bytes
+
+        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
     return 0

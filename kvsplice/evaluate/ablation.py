@@ -36,7 +36,7 @@ import torch
 from kvsplice.config import check, from_table, is_int, read_toml
 from kvsplice.errors import KVSpliceError
 from kvsplice.evaluate.perplexity import EvalRow, perplexity_prefill_continue, perplexity_teacher_forced
-from kvsplice.evaluate.report import result_dict
+from kvsplice.evaluate.report import require_finite, result_dict
 
 
 class AblationConfigError(KVSpliceError):
@@ -337,8 +337,12 @@ def run_ablation(
     tokenizer: Any = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    on_row: Callable[[AblationResult], None] | None = None,
 ) -> AblationResult:
-    """Calibrate (or reuse) the geometries, then measure every row (see module docstring)."""
+    """Calibrate (or reuse) the geometries, then measure every row (see module docstring).
+    on_row(partial result) runs after every finished row (rows so far, result["complete"] False),
+    so a caller can save them: an interrupted run loses at most the row in progress. A row with a
+    non-finite perplexity raises NonFiniteError."""
     from kvsplice.data import evaluation_text, load_texts, tokenize
     from kvsplice.loading import load_model, model_id
 
@@ -355,6 +359,18 @@ def run_ablation(
     ids = tokenize(tokenizer, load_texts(cfg.eval_data) if cfg.eval_data else evaluation_text())
     p = cfg.protocol
     rows, tf_rows = [], []
+
+    def assemble(complete: bool) -> AblationResult:
+        result = result_dict(model_id(model), "prefill-continue", rows, cfg.to_dict())
+        if tf_rows:
+            tf = result_dict(model_id(model), "teacher-forced", tf_rows, {})
+            result["extra_protocols"] = [{k: tf[k] for k in ("protocol", "tokens", "rows")}]
+        result["geometries"] = geo_info
+        result["calibration_seconds"] = round(t_cal, 2)
+        result["eval_tokens_available"] = int(ids.shape[0])
+        result["complete"] = complete
+        return AblationResult(list(rows), list(tf_rows), json.loads(json.dumps(result)))
+
     for row in cfg.rows:
         make = cache_factory(model, row, geos.get(row.geometry_key))
         r = perplexity_prefill_continue(
@@ -362,17 +378,12 @@ def run_ablation(
             chunk=p.chunk if row.prunes else p.unpruned_chunk,
             segments=p.segments, batch_size=p.batch_size, name=row.name,
         )
-        rows.append(r)
+        rows.append(require_finite(r, "(prefill-continue)"))
         log(f"[prefill-continue] {row.name}: ppl {r.ppl:.3f}, KV {r.kv_bytes_per_token:.0f} B/token, {r.seconds:.1f} s")
         if p.teacher_forced and not row.prunes:
             t = perplexity_teacher_forced(model, ids, make, window=p.tf_window, max_windows=p.tf_windows, name=row.name)
-            tf_rows.append(t)
+            tf_rows.append(require_finite(t, "(teacher-forced)"))
             log(f"[teacher-forced]   {row.name}: ppl {t.ppl:.3f}, {t.seconds:.1f} s")
-    result = result_dict(model_id(model), "prefill-continue", rows, cfg.to_dict())
-    if tf_rows:
-        tf = result_dict(model_id(model), "teacher-forced", tf_rows, {})
-        result["extra_protocols"] = [{k: tf[k] for k in ("protocol", "tokens", "rows")}]
-    result["geometries"] = geo_info
-    result["calibration_seconds"] = round(t_cal, 2)
-    result["eval_tokens_available"] = int(ids.shape[0])
-    return AblationResult(rows, tf_rows, json.loads(json.dumps(result)))
+        if on_row is not None:
+            on_row(assemble(complete=False))
+    return assemble(complete=True)

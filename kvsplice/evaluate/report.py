@@ -8,7 +8,8 @@ JSON layout (issue 3, section 6), one object per protocol:
      "config": {...}}
 
 `kvsplice ablate` may add "extra_protocols": [{"protocol", "tokens", "rows"}] for rows measured under
-a second protocol. Writes are atomic (temporary file in the same folder, then os.replace).
+a second protocol, and "complete": false while rows are still being added (true at the end).
+Writes are atomic (temporary file in the same folder, then os.replace).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from kvsplice.errors import KVSpliceError
+from kvsplice.paths import atomic_write_bytes
+
+from kvsplice.errors import KVSpliceError, NonFiniteError
 from kvsplice.evaluate.perplexity import PROTOCOLS, ROW_FIELDS, EvalRow
 
 _FLOAT_FIELDS = tuple(f for f in ROW_FIELDS if f not in ("name", "measured_cache_bytes"))
@@ -62,6 +65,8 @@ def validate_result(d: Any, require_config: bool = True) -> None:
             fail(f"{k!r} must be {t.__name__}, found {type(d[k]).__name__}")
     if d["protocol"] not in PROTOCOLS:
         fail(f"protocol must be one of {PROTOCOLS}, found {d['protocol']!r}")
+    if "complete" in d and not isinstance(d["complete"], bool):
+        fail(f"'complete' must be a bool, found {d['complete']!r}")
     for i, row in enumerate(d["rows"]):
         if not isinstance(row, dict) or set(row) != set(ROW_FIELDS):
             fail(f"row {i} must have exactly the keys {list(ROW_FIELDS)}, found {sorted(row) if isinstance(row, dict) else row!r}")
@@ -77,9 +82,22 @@ def validate_result(d: Any, require_config: bool = True) -> None:
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Validate and write atomically (non-finite floats are written as null: strict JSON)."""
+    """Validate and write atomically (non-finite floats are written as null: strict JSON).
+    Commands call it after every finished row with "complete": false, then once more with true,
+    so an interrupted run keeps every finished row."""
     validate_result(data)
-    _atomic_write_bytes(Path(path), (json.dumps(_finite(data), indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(Path(path), (json.dumps(_finite(data), indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def require_finite(row: EvalRow, what: str = "") -> EvalRow:
+    """NonFiniteError unless the row's perplexity and NLL are finite: NaN/inf logits (e.g. from an
+    absurd geometry or an overflowing dtype) must stop the run, never print `ppl nan` and exit 0."""
+    if not (math.isfinite(row.ppl) and math.isfinite(row.nll)):
+        raise NonFiniteError(
+            f"row {row.name!r}{' ' + what if what else ''}: perplexity {row.ppl} / NLL {row.nll} is not finite: the model "
+            "produced NaN/inf logits with this cache (corrupted geometry, or a dtype that overflows)"
+        )
+    return row
 
 
 def _finite(x: Any) -> Any:
@@ -128,11 +146,13 @@ def save_png(fig: Any, path: str | os.PathLike) -> None:
 
 
 def format_table(rows: Sequence[EvalRow], baseline: str | None = None, title: str | None = None) -> str:
-    """A fixed-width text table. Δppl % is relative to the row named `baseline` (default: the first)."""
+    """A fixed-width text table. Δppl % is relative to the row named `baseline` (default: the first);
+    its header names that row."""
     if not rows:
         return "(no rows)"
     base = next((r for r in rows if r.name == baseline), rows[0]) if baseline is not None else rows[0]
-    head = ("row", "ppl", "Δppl %", "V B/tok", "KV B/tok", "V red %", "KV red %", "cache bytes", "sec")
+    # name the reference row in the header: with --no-baseline it is not a DynamicCache row
+    head = ("row", "ppl", f"Δppl % vs {base.name}", "V B/tok", "KV B/tok", "V red %", "KV red %", "cache bytes", "sec")
     lines = []
     for r in rows:
         d = 100.0 * (r.ppl / base.ppl - 1.0) if base.ppl and math.isfinite(base.ppl) else float("nan")
