@@ -234,7 +234,7 @@ def test_cli_calibrate_on_local_model(tiny_llama, tmp_path, capsys):
     out, vec = tmp_path / "g.safetensors", tmp_path / "v.safetensors"
     args = parser.parse_args(
         ["calibrate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "--codec", "pca",
-         "--rank", "2", "--seq-len", "64", "--max-batches", "2", "--layers", "1", "--quiet",
+         "--rank", "2", "--target", "v", "--seq-len", "64", "--max-batches", "2", "--layers", "1", "--quiet",
          "--out", str(out), "--dump-vectors", str(vec)]
     )
     assert args.func(args) == 0
