@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # module path for each verb (imported lazily so `kvsplice --help` stays fast)
 COMMANDS: list[str] = [
@@ -31,13 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kvsplice.errors import KVSpliceError
+    from kvsplice.errors import KVSpliceError, KVSpliceWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line per warning, no source
+        print(f"kvsplice {args.command}: warning: {_one_line(message)}", file=sys.stderr)
 
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            warnings.simplefilter("always", KVSpliceWarning)  # every run says it, not once per process
+            return int(args.func(args) or 0)
     except KVSpliceError as e:
-        print(f"kvsplice {args.command}: error: {e}", file=sys.stderr)
+        print(f"kvsplice {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # rows finished so far are already on disk (commands write each row as it completes)
+        print(f"kvsplice {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a wrapped library error may carry newlines)."""
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":
