@@ -80,6 +80,34 @@ def test_llama_captures_v_and_pre_rope_k(tiny_llama):
         assert (k[:, :, 1:] - layer.keys[:, :, 1:]).abs().max() > 1e-3
 
 
+def test_cache_capture_agrees_with_projection_hooks(tiny_gpt2, tiny_llama):
+    """The capture at cache.update (RoPE inverted) and the old projection hooks (k_proj / c_attn
+    output) give the same K and V where K is a plain projection (float32)."""
+    ids = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(8))
+    for model, _ in (tiny_gpt2, tiny_llama):
+        ad = get_adapter(model)
+        assert ad.uses_cache
+        for target in ("k", "v"):
+            with ad.capture(target) as new, torch.no_grad():
+                model(ids)
+            with ad.capture_hooks(target) as old, torch.no_grad():
+                model(ids)
+            for i in range(ad.num_layers):
+                torch.testing.assert_close(new.records[i][0], old.records[i][0], atol=1e-5, rtol=0)
+
+
+def test_projection_hooks_refuse_k_after_a_norm():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)).eval()
+    with pytest.raises(ModelError, match="k_proj"):
+        with get_adapter(model).capture_hooks("k"):
+            pass
+
+
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])
 def test_other_llama_family_types_capture_cached_v(kind):
     import transformers
