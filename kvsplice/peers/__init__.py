@@ -1,10 +1,12 @@
 """Peer methods in the same harness: one small file per peer, all behind `Peer` + the `PEERS`
 registry (base.py). Importing this package registers every built-in peer.
 
-    "kivi"          KIVI-style: K per-channel groups of g tokens, V per-token, fp residual window
-    "h2o"           H2O: accumulated attention + recent window (token eviction)
-    "streamingllm"  StreamingLLM: attention-sink tokens + window (token eviction)
-    "hf-quantized"  transformers' QuantizedCache (optimum-quanto / HQQ backend), bytes counted
+    "kivi"          KIVI as its authors' code: K per-channel groups of 32 tokens flushed in blocks of
+                    R = 128 (L mod R raw), V per-token groups of 32 channels (newest R raw)
+    "h2o"           H2O: fixed heavy-hitter (accumulated attention) + recent rows (token eviction)
+    "streamingllm"  StreamingLLM: 4 attention-sink tokens + window (token eviction)
+    "hf-quantized"  transformers' QuantizedCache (optimum-quanto / HQQ backend, library defaults)
+Fidelity to each reference, parameters and departures: docs/PEERS.md.
     "uniform-int"   plain per-token int8 / int4 / int2 of K and V (the "uniform" codec)
 """
 

@@ -7,7 +7,7 @@ fresh cache per sequence batch; every cache it makes has a `memory()` method ret
 residual windows, kept positions, attention statistics), so the evaluation protocols of
 kvsplice/evaluate/perplexity.py measure every peer the same way as our own caches.
 
-    peer = get_peer("kivi", bits=2, group=32, residual=32)
+    peer = get_peer("kivi", bits=2, group=32, residual=128)
     make = peer.cache_factory(model)
     row = perplexity_prefill_continue(model, ids, make, ...)
 

@@ -6,10 +6,14 @@ of the tensors each layer actually holds:
     (packed uint8 data, scale, shift), found by recursive `__tensor_flatten__`; for HQQ, the packed
     tensor plus every tensor in its meta dict (scale, zero);
   * the full-precision residual (`layer.keys` / `layer.values`, model dtype).
-Honest caveats (also in the docs): transformers' layer re-quantises ALL previous tokens from their
-dequantised values each time the residual fills (error can compound), quantises groups along
-the axis the backend picks (`axis_key`/`axis_value`, per-channel groups of `q_group_size` in its
-own layout), and reads its first (prefill) step in full precision. What is counted is what is held.
+Honest caveats (also in docs/PEERS.md): transformers' layer quantises the whole prefill at its
+first call (reading that step in full precision), then appends decoded tokens to a full-precision
+residual; when residual + new tokens reach `residual_length` it re-quantises ALL tokens from their
+dequantised values (error can compound) and empties the residual, so the residual holds 0 ..
+residual_length - 1 tokens and the bytes depend on where in that cycle they are measured.
+Groups run along the axis the backend picks (`axis_key` / `axis_value`, see `HFQuantized`).
+Scale / shift (quanto) and scale / zero (hqq) are held in the dtype the backend gives them (quanto:
+the model dtype). What is counted is what is held.
 """
 
 from __future__ import annotations
@@ -24,6 +28,21 @@ from kvsplice.cache import CacheMemory
 from kvsplice.peers.base import Peer, PeerError, check_choice, check_int, register_peer
 
 BACKENDS = ("quanto", "hqq")
+BACKEND_MODULES = {"quanto": "optimum.quanto", "hqq": "hqq"}  # optional: pip install 'kvsplice[peers]'
+
+
+def require_backend(backend: str) -> None:
+    """PeerError (one line, naming the extra) when the backend's package is not installed."""
+    import importlib.util
+
+    module = BACKEND_MODULES[backend]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # find_spec("optimum.quanto") raises when "optimum" itself is absent
+        found = False
+    if not found:
+        raise PeerError(f"the {backend} backend of transformers' QuantizedCache needs the optional extra "
+                        f"[peers]: pip install 'kvsplice[peers]' (module {module!r} not found)")
 
 
 def held_nbytes(obj: Any) -> int:
@@ -73,14 +92,22 @@ class MeasuredQuantizedCache(QuantizedCache):
 @register_peer
 @dataclass
 class HFQuantized(Peer):
-    """backend: "quanto" (bits 2 or 4) | "hqq" (1, 2, 3, 4, 8); group: q_group_size;
-    residual: residual_length (tokens kept in full precision before a re-quantisation)."""
+    """transformers' defaults (transformers 5.24 cache_utils.QuantizedLayer / QuantoQuantizedLayer /
+    HQQQuantizedLayer, identical for both backends): nbits 4, axis_key 0, axis_value 0,
+    q_group_size 64, residual_length 128; `generate(cache_implementation="quantized")` picks quanto.
+    backend: "quanto" (bits 2 or 4) | "hqq" (1, 2, 3, 4, 8); group: q_group_size; residual:
+    residual_length; axis_key / axis_value: the backend's quantisation axis (quanto: 0 | -1,
+    hqq: 0 | 1). With axis 0 and group 64 = head_dim, quanto's groups are the 64 contiguous values of
+    one token's head vector (optimum.quanto.tensor.grouped.group reshapes to (-1, group)): one scale +
+    shift per token and head, for K and for V."""
 
     name = "hf-quantized"
     backend: str = "quanto"
     bits: int = 4
     group: int = 64
     residual: int = 128
+    axis_key: int = 0
+    axis_value: int = 0
 
     def __post_init__(self) -> None:
         check_choice("HFQuantized", "backend", self.backend, BACKENDS)
@@ -89,17 +116,19 @@ class HFQuantized(Peer):
             raise PeerError(f"HFQuantized: backend {self.backend} takes bits in {allowed}, got {self.bits!r}")
         check_int("HFQuantized", "group", self.group, 1)
         check_int("HFQuantized", "residual", self.residual, 1)
+        axes = (0, -1) if self.backend == "quanto" else (0, 1)
+        check_choice("HFQuantized", "axis_key", self.axis_key, axes)
+        check_choice("HFQuantized", "axis_value", self.axis_value, axes)
 
     def setting(self) -> str:
-        return f"{self.backend} {self.bits}-bit g={self.group} R={self.residual}"
+        axes = "" if (self.axis_key, self.axis_value) == (0, 0) else f" axes={self.axis_key},{self.axis_value}"
+        return f"{self.backend} {self.bits}-bit g={self.group} R={self.residual}{axes}"
 
     def cache_factory(self, model: Any) -> Callable[[], MeasuredQuantizedCache]:
+        require_backend(self.backend)
         cfg = model.config
-        kw = dict(nbits=self.bits, q_group_size=self.group, residual_length=self.residual)
-        if self.backend == "hqq":
-            kw.update(axis_key=1, axis_value=1)
-        else:
-            kw.update(axis_key=0, axis_value=0)
+        kw = dict(nbits=self.bits, q_group_size=self.group, residual_length=self.residual,
+                  axis_key=self.axis_key, axis_value=self.axis_value)
         make = lambda: MeasuredQuantizedCache(self.backend, cfg, **kw)  # noqa: E731
         make()  # fail early (missing backend package, bad layout)
         return make

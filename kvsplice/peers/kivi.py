@@ -1,20 +1,30 @@
-"""KIVI-style asymmetric KV quantisation (Liu et al. 2024, "KIVI: a tuning-free asymmetric 2bit
-quantization for KV cache"), re-implemented on kvsplice's quantiser primitives (codecs/quant.py).
+"""KIVI (Liu et al. 2024, "KIVI: a tuning-free asymmetric 2bit quantization for KV cache"),
+re-implemented on kvsplice's quantiser primitives (codecs/quant.py) with the semantics of the
+authors' code (github.com/jy-yuan/KIVI, models/llama_kivi.py + quant/new_pack.py; read, not copied).
 
-Per layer, shapes B batch, H KV heads, D head_dim, g = `group` tokens, R = `residual` tokens:
+Per layer, shapes B batch, H KV heads, D head_dim, L tokens seen, g = `group`, R = `residual`,
+vg = `v_group`:
 
-    K : per-CHANNEL min-max quantisation: every group of g consecutive tokens gets, for each
-        (head, channel), an fp16 minimum and an fp16 step  -> codes (B, H, Tq, ceil(D*b/8)) uint8,
-                                                               lo/step (B, H, Tq/g, D) fp16
-    V : per-TOKEN min-max quantisation, one fp16 min/step per `v_group` channels of a token
-                                                            -> codes (B, H, Tv, ceil(D*b/8)) uint8,
-                                                               lo/step (B, H, Tv, D/v_group) fp16
-    residual: the newest tokens stay in full precision (model dtype): V keeps exactly the newest R;
-        K keeps the newest R plus the < g tokens of an incomplete group (K groups run along tokens,
-        so a group is quantised only once its g tokens exist and are older than the residual).
+    K : per-CHANNEL min-max quantisation in groups of g consecutive tokens: for each (head, channel,
+        group) one fp16 minimum and one fp16 step. K is quantised a whole block of R tokens at a
+        time: the full-precision K residual holds exactly the last (L mod R) tokens (the reference's
+        prefill keeps key_states[-(T % R):] and its decode flushes key_states_full when it reaches R).
+          codes (B, H, L - L mod R, ceil(D*b/8)) uint8 ; lo/step (B, H, (L - L mod R)/g, D) fp16
+    V : per-TOKEN min-max quantisation, one fp16 min/step per vg channels of a token (the reference
+        uses its one `group_size` for both: g tokens for K, g channels for V). The V residual holds
+        the newest min(L, R) tokens (prefill keeps value_states[-R:], decode quantises the oldest
+        one once R + 1 are held).
+          codes (B, H, L - min(L, R), ceil(D*b/8)) uint8 ; lo/step (B, H, L - min(L, R), D/vg) fp16
+    residual: K (L mod R rows) and V (min(L, R) rows) in the MODEL dtype (the reference: fp16 model).
+
+Scales and zero points are fp16, as in the reference (its models, kernels and scales are fp16: the
+scale tensors take the dtype of the fp16 K/V they are computed from). Bytes counted by `memory()` are
+the nbytes of exactly these tensors (codes + fp16 lo/step + residual rows in the model dtype).
 
 As in KIVI, a step's own new tokens are read in full precision (prefill attention is exact; decode
-tokens enter the residual anyway); everything stored before the step is read dequantised.
+tokens enter the residual anyway); everything stored before the step is read dequantised. The
+reference decodes one token per step; with a chunk of q > 1 tokens the same invariants are kept
+(after the step: K residual = L mod R rows, V residual = min(L, R) rows).
 The dequantised copy is transient (rebuilt per step, dropped after attention), never held.
 Teacher-forced evaluation is NOT exact for this cache (a window's queries would read K groups whose
 scales include later tokens and no residual): use prefill-continue.
@@ -38,12 +48,12 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 
 class KIVILayer(BatchMapMixin, CacheLayerMixin):
-    """One layer of a `KIVICache` (see module docstring). bits in 1..8; group, residual >= 0 tokens;
-    v_group: channels per V scale (None: the whole head vector)."""
+    """One layer of a `KIVICache` (see module docstring). bits in 1..8; group: K tokens per scale;
+    residual: R, a positive multiple of group; v_group: V channels per scale (None: whole head)."""
 
     is_sliding = False
 
-    def __init__(self, bits: int, group: int, residual: int, v_group: int | None = None) -> None:
+    def __init__(self, bits: int, group: int, residual: int, v_group: int | None = 32) -> None:
         super().__init__()
         self.bits, self.group, self.residual, self.v_group = bits, group, residual, v_group
         self.reset()
@@ -53,7 +63,7 @@ class KIVILayer(BatchMapMixin, CacheLayerMixin):
         self.keys = self.values = None  # unused: storage below
         self.k_codes = self.k_lo = self.k_step = None  # (B, H, Tq, nb) uint8 ; (B, H, Tq/g, D) fp16
         self.v_codes = self.v_lo = self.v_step = None  # (B, H, Tv, nb) uint8 ; (B, H, Tv, D/vg) fp16
-        self.k_raw = self.v_raw = None  # (B, H, *, D) model dtype
+        self.k_raw = self.v_raw = None  # (B, H, L mod R, D) ; (B, H, min(L, R), D), model dtype
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -66,7 +76,7 @@ class KIVILayer(BatchMapMixin, CacheLayerMixin):
 
     # -- storage ---------------------------------------------------------------------------------
     def _read_k(self) -> torch.Tensor:
-        """(B, H, S, D): dequantised K groups, then raw K."""
+        """(B, H, S, D): dequantised K groups, then the raw K residual."""
         if self.k_codes is None:
             return self.k_raw
         B, H, Tq, _ = self.k_codes.shape
@@ -76,6 +86,7 @@ class KIVILayer(BatchMapMixin, CacheLayerMixin):
         return torch.cat([k.transpose(3, 4).reshape(B, H, Tq, D).to(self.dtype), self.k_raw], dim=2)
 
     def _read_v(self) -> torch.Tensor:
+        """(B, H, S, D): dequantised V tokens, then the raw V residual."""
         if self.v_codes is None:
             return self.v_raw
         codes = unpack_codes(self.v_codes, self.bits, self.head_dim)
@@ -83,23 +94,23 @@ class KIVILayer(BatchMapMixin, CacheLayerMixin):
         return torch.cat([v.to(self.dtype), self.v_raw], dim=2)
 
     def _spill(self) -> None:
-        """Quantise K groups and V tokens that left the residual window."""
+        """Quantise whole R-token K blocks (leaving L mod R raw) and the V tokens older than the newest R."""
         B, H, Tk, D = self.k_raw.shape
-        n_groups = max(Tk - self.residual, 0) // self.group if self.group else 0
-        if n_groups:
-            n = n_groups * self.group
-            x = self.k_raw[:, :, :n].view(B, H, n_groups, self.group, D).transpose(3, 4)  # (B, H, G, D, g)
+        n = (Tk // self.residual) * self.residual
+        if n:
+            G = n // self.group
+            x = self.k_raw[:, :, :n].reshape(B, H, G, self.group, D).transpose(3, 4)  # (B, H, G, D, g)
             codes, lo, step = quantize_minmax(x, self.bits)  # lo/step (B, H, G, D, 1)
             packed = pack_codes(codes.transpose(3, 4).reshape(B, H, n, D), self.bits)
             self.k_codes = _cat(self.k_codes, packed)
             self.k_lo, self.k_step = _cat(self.k_lo, lo.squeeze(-1)), _cat(self.k_step, step.squeeze(-1))
-            self.k_raw = self.k_raw[:, :, n:]
+            self.k_raw = self.k_raw[:, :, n:].contiguous()
         n = self.v_raw.shape[2] - self.residual
         if n > 0:
             codes, lo, step = quantize_minmax(self.v_raw[:, :, :n], self.bits, self.v_group)
             self.v_codes = _cat(self.v_codes, pack_codes(codes, self.bits))
             self.v_lo, self.v_step = _cat(self.v_lo, lo), _cat(self.v_step, step)
-            self.v_raw = self.v_raw[:, :, n:]
+            self.v_raw = self.v_raw[:, :, n:].contiguous()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's K/V (B, H, q, D); return every row (B, H, S + q, D), the step's own exact."""
@@ -157,7 +168,7 @@ class KIVICache(Cache):
 
     teacher_forced_exact = False  # a first forward reads its own rows before they are quantised
 
-    def __init__(self, num_layers: int, bits: int = 2, group: int = 32, residual: int = 32, v_group: int | None = None) -> None:
+    def __init__(self, num_layers: int, bits: int = 2, group: int = 32, residual: int = 128, v_group: int | None = 32) -> None:
         KIVI(bits=bits, group=group, residual=residual, v_group=v_group)  # validates
         self.pruner = None
         super().__init__(layers=[KIVILayer(bits, group, residual, v_group) for _ in range(num_layers)])
@@ -174,27 +185,31 @@ class KIVICache(Cache):
 @register_peer
 @dataclass
 class KIVI(Peer):
-    """bits: code width (KIVI uses 2 and 4); group: K tokens per per-channel scale group (KIVI: 32);
-    residual: newest tokens kept in full precision (KIVI: 32..128); v_group: V channels per scale
-    (None: whole head vector, as kvsplice's "uniform")."""
+    """bits: code width (KIVI: 2 and 4); group: K tokens per per-channel scale (reference
+    `group_size`, paper: 32); residual: R, the K flush block and V full-precision window (paper: 128;
+    must be a multiple of group, as the reference asserts); v_group: V channels per per-token scale
+    (reference: the same `group_size`, 32; None: one scale per head vector)."""
 
     name = "kivi"
     bits: int = 2
     group: int = 32
-    residual: int = 32
-    v_group: int | None = None
+    residual: int = 128
+    v_group: int | None = 32
 
     def __post_init__(self) -> None:
         check_int("KIVI", "bits", self.bits, 1)
         if self.bits > 8:
             raise PeerError(f"KIVI.bits must be in 1..8, got {self.bits}")
         check_int("KIVI", "group", self.group, 1)
-        check_int("KIVI", "residual", self.residual, 0)
+        check_int("KIVI", "residual", self.residual, 1)
+        if self.residual % self.group:
+            raise PeerError(f"KIVI.residual must be a multiple of group (the reference asserts it), "
+                            f"got residual={self.residual}, group={self.group}")
         if self.v_group is not None:
             check_int("KIVI", "v_group", self.v_group, 1)
 
     def setting(self) -> str:
-        return f"{self.bits}-bit g={self.group} R={self.residual}" + (f" vg={self.v_group}" if self.v_group else "")
+        return f"{self.bits}-bit g={self.group} R={self.residual} vg={self.v_group or 'D'}"
 
     def cache_factory(self, model: Any) -> Callable[[], KIVICache]:
         layers = model_layout(model)[0]

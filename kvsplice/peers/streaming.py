@@ -1,14 +1,18 @@
 """StreamingLLM (Xiao et al. 2024, "Efficient streaming language models with attention sinks"):
-keep the first `sinks` tokens (attention sinks) and a window of the newest `window` tokens; evict
-everything in between. No attention statistics are needed for the choice, but the cache runs
-through the same `CompressedCache` + pruner path as H2O and V-only pruning, so positions, masks
-and byte counts are handled (and counted: kept positions, running statistics) identically.
+keep the first `sinks` tokens (attention sinks; paper and reference github.com/mit-han-lab/
+streaming-llm, streaming_llm/kv_cache.py `StartRecentKVCache`: start_size = 4) and a window of the
+newest `window` tokens (`recent_size`); evict everything in between. Kept = min(held, sinks + window).
 
-Rows are held in token order and the sinks are never evicted, so the held rows 0..sinks-1 are
-always the first `sinks` tokens: `SinkWindowPruner.importance` scores them 1, every other row 0,
-and the pruner's recency forcing keeps the newest `window`. Kept = min(held, sinks + window).
+The cache runs through the same `CompressedCache` + pruner path as H2O and V-only pruning, so masks
+are handled identically; rows are held in token order and the sinks are never evicted, so the held
+rows 0..sinks-1 are always the first `sinks` tokens: `SinkWindowPruner.importance` scores them 1,
+every other row 0, and the pruner's recency forcing keeps the newest `window`.
+Bytes charged: the kept K/V rows only (model dtype). The harness's kept-row positions and attention
+statistics are NOT charged: StreamingLLM needs neither (which rows survive is fixed), see
+peers/eviction.py.
 RoPE positions are the original ones (no re-indexing into the cache, unlike the paper's
-"positions within the cache"); documented as a deviation.
+"positions within the cache", which matters only beyond the model's trained context); documented
+as a departure in docs/PEERS.md.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from kvsplice.cache import CompressedCache, model_layout
+from kvsplice.cache import model_layout
 from kvsplice.peers.base import Peer, check_int, register_peer
+from kvsplice.peers.eviction import EvictionCache
 from kvsplice.pruning import VOnlyPruner
 
 
@@ -66,6 +71,6 @@ class StreamingLLM(Peer):
     def pruner(self) -> SinkWindowPruner:
         return SinkWindowPruner(sinks=self.sinks, window=self.window)
 
-    def cache_factory(self, model: Any) -> Callable[[], CompressedCache]:
+    def cache_factory(self, model: Any) -> Callable[[], EvictionCache]:
         layers = model_layout(model)[0]
-        return lambda: CompressedCache(layers, pruner=self.pruner())
+        return lambda: EvictionCache(layers, self.pruner(), charged_stats=())
