@@ -227,7 +227,7 @@ def deserialize(data: bytes, source: str = "<bytes>") -> Geometry:
             cmeta = json.loads(metadata[f"codec/{layer}.{head}"])
             if not isinstance(cmeta, dict):
                 raise GeometryError(f"metadata 'codec/{layer}.{head}' must be a JSON object, found {type(cmeta).__name__}")
-            codec = Codec.from_state(own, cmeta)
+            codec = Codec.from_state(own, cmeta, validate=True)  # exact shapes/dtypes, finite, bounded
             _probe(codec, (layer, head))
             codecs[(layer, head)] = codec
     except GeometryError as e:

@@ -249,3 +249,28 @@ def test_no_baseline_delta_column_names_its_reference(files, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Δppl % vs g" in out and "no DynamicCache baseline" in out
+
+
+def test_ablate_keeps_finished_rows_when_interrupted(files, tmp_path, monkeypatch):
+    from test_ablate import tiny_config
+
+    import kvsplice.evaluate.ablation as ablation
+    from kvsplice.commands.ablate import execute
+
+    m, _, _ = files
+    cfg = tiny_config(tmp_path, model=str(m), rows=[{"name": "V0"}, {"name": "pca-2", "codec": "pca", "rank": 2}])
+    real, calls = ablation.perplexity_prefill_continue, []
+
+    def second_row_ctrl_c(*a, **k):
+        calls.append(k["name"])
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ablation, "perplexity_prefill_continue", second_row_ctrl_c)
+    out = tmp_path / "a.json"
+    with pytest.raises(KeyboardInterrupt):
+        execute(cfg, out, None, progress=False)
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["rows"]] == ["V0"] and saved["complete"] is False
+    assert [r["name"] for r in saved["extra_protocols"][0]["rows"]] == ["V0"]

@@ -167,8 +167,10 @@ class Codec(ABC):
         }
 
     @staticmethod
-    def from_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "Codec":
-        """Rebuild a fitted codec from `state_tensors()` and `metadata()`."""
+    def from_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str], validate: bool = False) -> "Codec":
+        """Rebuild a fitted codec from `state_tensors()` and `metadata()`. validate: run
+        `validate_state` first (exact float32/int64 dtypes, shapes, bounds): the geometry loader does
+        for every file; in-memory copies (e.g. a codec already cast to bf16 for a cache) need not."""
         try:
             codec = get_codec(metadata["codec"], **json.loads(metadata["params"]))
             codec.dim = int(metadata["dim"])
@@ -179,7 +181,8 @@ class Codec(ABC):
             raise CodecError(f"codec metadata: dim must be in [1, {MAX_DIM}], found {codec.dim}")
         if not isinstance(codec.info, dict):
             raise CodecError(f"codec metadata: info must be a JSON object, found {type(codec.info).__name__}")
-        codec.validate_state(tensors)
+        if validate:
+            codec.validate_state(tensors)
         codec.load_state_tensors(tensors)
         if codec.latent_dim != int(metadata["latent_dim"]):
             raise CodecError(

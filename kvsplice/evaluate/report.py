@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from kvsplice.paths import atomic_write_bytes
+from kvsplice.paths import atomic_write_bytes, clean_stale_temporaries
 
 from kvsplice.errors import KVSpliceError, NonFiniteError
 from kvsplice.evaluate.perplexity import PROTOCOLS, ROW_FIELDS, EvalRow
@@ -134,7 +134,8 @@ def save_png(fig: Any, path: str | os.PathLike) -> None:
     """Save a matplotlib figure as PNG atomically (temp file + rename: never a half-written plot)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    clean_stale_temporaries(path)  # left by a killed earlier save
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
