@@ -7,6 +7,10 @@ Layout per layer (`CompressedLayer`), shapes B batch, H KV heads, S rows held, D
               + raw (B, H, W, D): the newest `window` rows in full precision (default 0)
     pruning : positions (B, G, S) int32 (logical position of each kept row), mass / exposure
               (B, G, S) float32 running attention statistics (see kvsplice/pruning.py)
+    sink    : exact copies (B, H, sink, D) of each sequence's first real rows (K and V)
+Shared by the layers (kvsplice/rows.py `TokenIndex`, held and counted once): each row's position as
+the model passed it (`position_ids`; only for pre-RoPE K codecs, kvsplice/kcodec.py) and the row of
+each sequence's sink tokens. With left padding these are the true positions, not row indices.
 
 The uncompressed V is never kept: the cache decodes the payload when attention reads it, inside
 `update`, and drops the decoded copy after the layer's attention. The logical length (tokens seen per
@@ -35,6 +39,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvsplice.cache_factory import CacheFactory
 from kvsplice.errors import GeometryError, KVSpliceError, ModelError
 from kvsplice.pruning import VOnlyPruner, attention_mass
 from kvsplice.rows import LayerCodec, TokenIndex, _Rows
@@ -429,50 +434,3 @@ class CompressedCache(Cache):
             **tot,
         )
 
-
-class CacheFactory:
-    """Makes one fresh `CompressedCache` per call. A cache holds one conversation; a pipeline calls
-    `generate` once per prompt (or batch), so it needs a new cache each time:
-
-        factory = CompressedCache.factory(model, v_geometry=v, k_geometry=k, sink=1)
-        out = model.generate(**batch, cache=factory())
-        with factory.installed(model):            # every generate() without a cache gets factory()
-            texts = pipeline("text-generation", model=model, tokenizer=tok)(["a", "b"])
-    """
-
-    def __init__(self, make: Callable[[], CompressedCache]) -> None:
-        self.make = make
-        make()  # fail now (bad geometry, wrong model) rather than inside the first generate
-
-    def __call__(self) -> CompressedCache:
-        return self.make()
-
-    def installed(self, model: Any) -> "_Installed":
-        return _Installed(model, self)
-
-
-class _Installed:
-    """Context manager: `model.generate` gets `cache=factory()` when the call passes none."""
-
-    def __init__(self, model: Any, factory: CacheFactory) -> None:
-        self.model, self.factory = model, factory
-
-    def __enter__(self) -> Any:
-        model, factory = self.model, self.factory
-        original = model.generate  # the bound method
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-                kwargs["cache"] = factory()
-            return original(*args, **kwargs)
-
-        self.had_own = "generate" in vars(model)
-        self.previous = vars(model).get("generate")
-        model.generate = generate
-        return model
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.had_own:
-            self.model.generate = self.previous
-        else:
-            del self.model.generate
