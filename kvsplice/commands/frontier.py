@@ -25,6 +25,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH.png", default=None, help="write the PNG here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides the config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--suite", choices=("quick", "full"), default=None,
+                   help="the evidence suite (configs/suite-<name>.toml): every domain, CIs, KL, top-1, honest bytes")
+    p.add_argument("--suite-config", metavar="PATH", default=None, help="a suite config TOML instead of --suite's")
+    p.add_argument("--split", choices=("dev", "test"), default="dev",
+                   help="suite split: dev for design choices, test for reported numbers (default dev)")
     p.set_defaults(func=run)
     return p
 
@@ -43,8 +48,39 @@ def format_points(result: dict) -> str:
     return "\n".join("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
 
 
+def run_suite_command(args: argparse.Namespace) -> int:
+    """--suite / --suite-config: run the evidence suite; JSON (+ per-token sidecar) and PNG default to
+    docs/results/suite-<name>-<split>.{json,png} under the current directory."""
+    from kvsplice.evaluate.frontier_plot import plot_suite_json
+    from kvsplice.evaluate.suite import format_summary, run_suite
+    from kvsplice.evaluate.suite_config import SuiteConfig
+
+    if args.quick or args.config:
+        raise KVSpliceError("--suite / --suite-config cannot be combined with --quick or --config (the frontier grid)")
+    cfg = SuiteConfig.from_toml(args.suite_config) if args.suite_config else SuiteConfig.named(args.suite)
+    if args.model is not None:
+        cfg.model = args.model
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KVSpliceError(f"--threads must be >= 1, got {args.threads}")
+        cfg.threads = args.threads
+    stem = Path("docs") / "results" / f"suite-{cfg.name}-{args.split}"
+    out_json = Path(args.json) if args.json else stem.with_suffix(".json")
+    out_png = Path(args.plot) if args.plot else out_json.with_suffix(".png")
+    print(f"suite {cfg.name!r}, split {args.split}: JSON -> {out_json} (rewritten after every point), plot -> {out_png}", file=sys.stderr)
+    result = run_suite(cfg, args.split, out_json, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_summary(result))
+    print(f"\nwall time {result['run']['seconds']:.0f} s; JSON -> {out_json}")
+    plot_suite_json(out_png, result)
+    print(f"plot -> {out_png}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from kvsplice.evaluate.frontier import FrontierConfig, run_frontier, write_frontier_json
+
+    if getattr(args, "suite", None) or getattr(args, "suite_config", None):
+        return run_suite_command(args)
 
     if args.config is not None:
         cfg = FrontierConfig.from_toml(args.config, quick=args.quick)

@@ -61,3 +61,77 @@ def plot_frontier_json(path: str | os.PathLike, result: dict[str, Any], title: s
         save_png(fig, path)
     finally:
         plt.close(fig)
+
+
+FAMILY_STYLE = {"ours": ("o", "-"), "peer": ("s", "--"), "seed": ("D", ":")}
+
+
+def plot_suite_json(path: str | os.PathLike, result: dict[str, Any], clip: tuple[float, float] = (-2.0, 30.0),
+                    title: str | None = None) -> None:
+    """PNG of a suite result (kvsplice/evaluate/suite.py): one panel per domain; x = bits per cached
+    K/V value with the geometry amortised over the LARGEST deployment of the result (log2 axis); y = Δ
+    perplexity % vs the uncompressed baseline of the same protocol (linear, clipped to `clip`; a point
+    beyond is drawn at the edge as a triangle with its value). Calibrated methods: mean over draws,
+    bars = the envelope of the draws' 95 % CIs; others: the point's own 95 % CI. Our coders: circles,
+    solid lines; peers: squares, dashed; the seed's rows: diamonds, dotted; at most 8 colours. Points
+    of the config's `headline` methods are labelled with their Δ %. Atomic write."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    rows = [r for r in result.get("summary", []) if r["delta_pct"] and math.isfinite(r["delta_pct"]["mean"])]
+    if not rows:
+        raise KVSpliceError("plot: the suite result has no summary rows with a finite Δ (is it complete?)")
+    lo, hi = clip
+    if not lo < 0 < hi:
+        raise KVSpliceError(f"plot: clip must be (low < 0 < high), got {clip}")
+    keys = [k for k in rows[0]["bits_per_value"] if k != "payload"]
+    xkey = max(keys, key=lambda k: int(k.split("_")[1].split("x")[0])) if keys else "payload"
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    headline = set(result.get("config", {}).get("headline", []))
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.2 * len(domains), 5.0), dpi=110, squeeze=False, sharey=True)
+    try:
+        for ax, domain in zip(axes[0], domains):
+            for i, m in enumerate(methods):
+                mr = sorted((r for r in rows if r["domain"] == domain and r["method"] == m), key=lambda r: r["bits_per_value"][xkey])
+                if not mr:
+                    continue
+                marker, ls = FAMILY_STYLE.get(mr[0]["family"], ("x", "-."))
+                colour = colours(i % 8)
+                xs = [r["bits_per_value"][xkey] for r in mr]
+                ys = [r["delta_pct"]["mean"] for r in mr]
+                yc = [min(max(y, lo), hi) for y in ys]
+                err = [[max(y - max(r["ci95_envelope"][0], lo), 0) for y, r in zip(yc, mr)],
+                       [max(min(r["ci95_envelope"][1], hi) - y, 0) for y, r in zip(yc, mr)]]
+                ax.errorbar(xs, yc, yerr=err, color=colour, marker=marker, ls=ls, lw=1.1, ms=5, capsize=2.5, label=m, zorder=3)
+                for x, y, r in zip(xs, ys, mr):
+                    if y > hi or y < lo:
+                        edge = hi if y > hi else lo
+                        ax.scatter([x], [edge], marker="^" if y > hi else "v", s=70, color=colour, zorder=5, edgecolors="black")
+                        ax.annotate(f"{y:+.0f}%", (x, edge), textcoords="offset points", xytext=(4, -10 if y > hi else 4), fontsize=7, color=colour)
+                    elif m in headline:
+                        ax.annotate(f"{y:+.1f}%", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7.5, color=colour, weight="bold")
+            base = (result.get("domains", {}).get(domain, {}).get("baseline", {}))
+            ppl = ", ".join(f"{'TF' if p.startswith('teacher') else 'PC'} {b['ppl']:.2f}" for p, b in base.items())
+            ax.axhline(0.0, color="grey", lw=0.8, ls="--", zorder=1)
+            ax.set_ylim(lo, hi)
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator([1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32]))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_title(f"{domain} ({result.get('split', '?')} split; baseline ppl {ppl})", fontsize=9)
+            dep = xkey.replace("amortised_", "").replace("x", " seq x ")
+            ax.set_xlabel(f"bits per K/V value (geometry amortised over {dep} tokens)" if keys else "bits per K/V value (payload)", fontsize=8)
+        axes[0][0].set_ylabel(f"Δ perplexity vs uncompressed, % (95% CI; clipped to [{lo:g}, {hi:g}])")
+        axes[0][-1].legend(fontsize=7, loc="upper right")
+        fig.suptitle(title or f"{result.get('model', '')}: {result.get('suite', '')} suite, "
+                     f"{result.get('split', '')} split (circles/solid: ours; squares/dashed: peers; diamonds/dotted: seed)", fontsize=10)
+        fig.tight_layout()
+        save_png(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,126 @@
+"""Configuration of the evidence suite (`kvsplice frontier --suite quick|full`; runner: suite.py).
+
+A suite measures every method of its grid on every text domain (kvsplice/texts.py) on ONE split
+(dev: design choices; test: the numbers the README reports), with statistics on every point:
+
+    tokens          >= this many scored tokens per point per domain. Teacher-forced rows (methods
+                    whose one-forward evaluation is exact) use ceil(tokens / (tf_window - 1))
+                    non-overlapping windows of tf_window tokens; prefill-continue rows (eviction,
+                    residual windows) use ceil(tokens / continue_tokens) segments of prefill +
+                    continue_tokens + 1 tokens, `chunk` tokens fed per step, `batch_size` segments
+                    per cache.
+    draws           calibrated methods are fitted `draws` times on the calibration part of
+                    `calibration_domain` (draw d: seed d, the part's documents rotated by
+                    d * documents // draws, so each draw reads other windows); each draw is a point.
+    block, resamples  the paired moving-block bootstrap (stats.py) of every Δ vs the baseline.
+    topk            baseline top-k kept per token for KL / top-1 (tokenmetrics.py).
+    deployment_tokens, deployment_sequences
+                    geometry (rotations, tables) amortised over `n` sequences of
+                    `deployment_tokens` tokens for each n listed: bits/value (b).
+    headline        method names whose points the plot labels.
+
+Methods are `MethodSpec` tables, as in configs/frontier.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvsplice.config import check, from_table, is_int, read_toml
+from kvsplice.evaluate.frontier_config import FrontierConfigError, MethodSpec
+
+SUITES = ("quick", "full")
+SPLITS = ("dev", "test")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class SuiteConfigError(FrontierConfigError):
+    """A bad suite config."""
+
+
+_check = functools.partial(check, error=SuiteConfigError)
+
+
+def _pos(v: Any) -> bool:
+    return is_int(v) and v >= 1
+
+
+@dataclass
+class SuiteConfig:
+    name: str = "quick"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    threads: int | None = None
+    domains: list[str] = field(default_factory=lambda: ["docs", "code", "prose"])
+    calibration_domain: str = "docs"
+    draws: int = 3
+    tokens: int = 4096
+    tf_window: int = 1024
+    prefill: int = 256
+    continue_tokens: int = 256
+    chunk: int = 16
+    batch_size: int = 4
+    block: int = 64
+    resamples: int = 2000
+    topk: int = 64
+    deployment_tokens: int = 4096
+    deployment_sequences: list[int] = field(default_factory=lambda: [1, 32])
+    headline: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=lambda: {"samples": 12000, "max_batches": 4, "seq_len": 1024})
+    methods: list[MethodSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from kvsplice.calibrate import CalibrationConfig
+        from kvsplice.texts import domain_names
+
+        _check(isinstance(self.name, str) and bool(self.name), f"name must be a non-empty string, got {self.name!r}")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32 | bfloat16 | float16, got {self.dtype!r}")
+        _check(self.threads is None or _pos(self.threads), f"threads must be a positive int, got {self.threads!r}")
+        _check(isinstance(self.domains, list) and bool(self.domains) and all(d in domain_names() for d in self.domains)
+               and len(set(self.domains)) == len(self.domains), f"domains must be distinct names from {domain_names()}, got {self.domains!r}")
+        _check(self.calibration_domain in domain_names(), f"calibration_domain must be one of {domain_names()}, got {self.calibration_domain!r}")
+        for k in ("draws", "tokens", "tf_window", "prefill", "continue_tokens", "chunk", "batch_size", "block", "topk", "deployment_tokens"):
+            _check(_pos(getattr(self, k)), f"{k} must be a positive int, got {getattr(self, k)!r}")
+        _check(self.tf_window >= 2, f"tf_window must be >= 2, got {self.tf_window}")
+        _check(is_int(self.resamples) and self.resamples >= 100, f"resamples must be an int >= 100, got {self.resamples!r}")
+        _check(isinstance(self.deployment_sequences, list) and bool(self.deployment_sequences) and all(_pos(n) for n in self.deployment_sequences),
+               f"deployment_sequences must be a non-empty list of positive ints, got {self.deployment_sequences!r}")
+        _check(isinstance(self.calibration, dict), "[calibration] must be a table")
+        bad = sorted({"codec", "rank", "target", "joint_heads", "codec_params", "seed"} & set(self.calibration))
+        _check(not bad, f"[calibration] must not set {bad}: they come from each method (seed: from the draw)")
+        CalibrationConfig.from_dict(self.calibration)
+        _check(isinstance(self.methods, list) and bool(self.methods), "methods must be a non-empty list of [[methods]] tables")
+        self.methods = [m if isinstance(m, MethodSpec) else from_table(MethodSpec, m, "methods", SuiteConfigError) for m in self.methods]
+        names = [m.name for m in self.methods]
+        _check(len(set(names)) == len(names), f"method names must be unique, got {names}")
+        _check(isinstance(self.headline, list) and set(self.headline) <= set(names), f"headline must name methods of the grid, got {self.headline!r}")
+
+    @property
+    def tf_windows(self) -> int:
+        return -(-self.tokens // (self.tf_window - 1))
+
+    @property
+    def segments(self) -> int:
+        return -(-self.tokens // self.continue_tokens)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SuiteConfig":
+        return from_table(cls, d, "top level", SuiteConfigError)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "SuiteConfig":
+        return cls.from_dict(read_toml(path, "suite", SuiteConfigError))
+
+    @classmethod
+    def named(cls, suite: str) -> "SuiteConfig":
+        """The repository's configs/suite-{quick,full}.toml."""
+        _check(suite in SUITES, f"--suite must be one of {SUITES}, got {suite!r}")
+        return cls.from_toml(CONFIG_DIR / f"suite-{suite}.toml")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -1,0 +1,167 @@
+"""The evidence suite, CI-sized: a tiny random Llama, two tiny synthetic domains, every protocol.
+Checks the JSON's structure, CIs on every point, provenance, incremental writing, the per-token
+sidecar and the plot; and that the repository's suite configs load."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import make_byte_tokenizer, make_tiny_llama
+
+from kvsplice import texts
+from kvsplice.cli import main
+from kvsplice.evaluate.suite import SuiteError, run_suite
+from kvsplice.evaluate.suite_config import SuiteConfig, SuiteConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the cache keeps keys and values of every token so that later queries can read them again".split()
+
+
+def _fake_domain(name: str, seed: int) -> texts.Domain:
+    rng = random.Random(seed)
+
+    def load():
+        docs = {f"{name}-{i:02d}": " ".join(rng.choice(WORDS) for _ in range(60)) for i in range(40)}
+        return docs, {"source": "synthetic", "package": "tests", "version": "0", "files": "0", "files_sha256": "0" * 64}
+
+    return texts.Domain(name, f"synthetic {name}", "CC0", load)
+
+
+@pytest.fixture
+def tiny_domains(monkeypatch):
+    monkeypatch.setattr(texts, "DOMAINS", {"alpha": _fake_domain("alpha", 0), "beta": _fake_domain("beta", 1)})
+    texts._loaded.cache_clear()
+    yield
+    texts._loaded.cache_clear()
+
+
+def _cfg(model: str = "unused", **over) -> SuiteConfig:
+    d = {"name": "ci", "model": model, "domains": ["alpha", "beta"], "calibration_domain": "alpha", "draws": 2, "tokens": 96,
+         "tf_window": 64, "prefill": 32, "continue_tokens": 16, "chunk": 4, "batch_size": 2, "block": 8, "resamples": 200,
+         "topk": 8, "deployment_tokens": 256, "deployment_sequences": [1, 4], "headline": ["pca-q"],
+         "calibration": {"samples": 400, "max_batches": 2, "seq_len": 64},
+         "methods": [
+             {"name": "pca-q", "kind": "codec", "sweep": {"bits": [2.0, 4.0]}, "params": {"codec": "pca-q", "target": "kv", "joint_heads": True, "sink": 1}},
+             {"name": "uniform-int", "kind": "peer", "sweep": {"bits": [4]}, "params": {"peer": "uniform-int"}},
+             {"name": "kivi", "kind": "peer", "sweep": {"bits": [2]}, "params": {"peer": "kivi", "group": 4, "residual": 8, "v_group": 4}},
+             {"name": "streamingllm", "kind": "peer", "sweep": {"budget": [0.5]}, "params": {"peer": "streamingllm", "sinks": 2}},
+         ]}
+    d.update(over)
+    return SuiteConfig.from_dict(d)
+
+
+def test_suite_on_tiny_model(tmp_path, tiny_domains):
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    cfg_path = tmp_path / "suite.toml"
+    out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
+    seen = []  # (points on disk, status) each time the runner logs a point: incremental writing
+
+    def log(msg: str) -> None:
+        if out_json.exists():
+            d = json.loads(out_json.read_text())
+            seen.append((len(d["points"]), d["status"]))
+
+    from kvsplice.loading import load_model
+
+    model, tok = load_model(str(folder))
+    cfg = _cfg(str(folder))
+    r = run_suite(cfg, "test", out_json, model=model, tokenizer=tok, log=log)
+    d = json.loads(out_json.read_text())
+    assert d["status"] == "complete" and d["split"] == "test" and d["kind"] == "kvsplice-suite"
+    assert "commit" in d and d["config"]["draws"] == 2
+    # incremental: the file grew one point at a time while the run was "running"
+    counts = [n for n, s in seen if s == "running"]
+    assert counts == sorted(counts) and len(set(counts)) >= 10
+    assert set(d["domains"]) == {"alpha", "beta"}
+    for dom in d["domains"].values():
+        assert dom["provenance"]["licence"] == "CC0" and dom["part"]["part"] == "test" and dom["part"]["documents"]
+        assert set(dom["baseline"]) == {"teacher-forced", "prefill-continue"}
+    assert d["calibration"]["domain"] == "alpha" and len(d["calibration"]["draws"]) == 2
+    per_domain = {}
+    for q in d["points"]:
+        per_domain.setdefault(q["domain"], []).append(q)
+        assert q["tokens"] >= cfg.tokens
+        lo, hi = q["ci95"]
+        assert lo <= q["delta_pct"] <= hi and q["verdict"] in ("win", "loss", "tie")
+        b = q["bits_per_value"]
+        assert set(b) == {"payload", "amortised_1x256", "amortised_4x256"}
+        assert q["ratio_vs_16bit"]["payload"] == pytest.approx(b["payload"] / 16)
+        if q["family"] == "ours":
+            assert q["geometry_bytes"] > 0 and b["amortised_1x256"] > b["amortised_4x256"] > b["payload"]
+            assert q["protocol"] == "teacher-forced" and q["draw"] in (0, 1)
+        else:
+            assert q["geometry_bytes"] == 0 and b["amortised_1x256"] == b["payload"]
+        if q["method"] != "baseline":
+            assert 0.0 <= q["kl"] and 0.0 <= q["top1"] <= 1.0
+    for qs in per_domain.values():  # 2 baselines + 2 settings x 2 draws + 3 peers
+        assert len(qs) == 2 + 4 + 3
+        assert {q["protocol"] for q in qs if q["method"] in ("kivi", "streamingllm")} == {"prefill-continue"}
+    assert {(s["method"], s["draws"]) for s in d["summary"]} >= {("pca-q", 2), ("kivi", 1)}
+    assert d["comparisons"] and all(c["protocol"] == "teacher-forced" for c in d["comparisons"])  # ours vs int4, same tokens
+    from safetensors.torch import load_file
+
+    tok_file = load_file(out_json.with_suffix(".tokens.safetensors"))
+    assert tok_file[f"{len(d['points']) - 1}.nll"].numel() == d["points"][-1]["tokens"]
+    from kvsplice.evaluate.frontier_plot import plot_suite_json
+
+    plot_suite_json(out_png, r)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_cli_and_refusals(tmp_path, tiny_domains, capsys):
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    cfg_path = tmp_path / "suite.toml"
+    cfg_path.write_text(f"""
+name = "ci"
+model = "{folder}"
+domains = ["alpha", "beta"]
+calibration_domain = "alpha"
+draws = 1
+tokens = 96
+tf_window = 64
+prefill = 32
+continue_tokens = 16
+chunk = 4
+batch_size = 2
+block = 8
+resamples = 200
+topk = 8
+[calibration]
+samples = 400
+max_batches = 2
+seq_len = 64
+[[methods]]
+name = "uniform-int"
+kind = "peer"
+sweep = {{ bits = [4] }}
+params = {{ peer = "uniform-int" }}
+""", encoding="utf-8")
+    out = tmp_path / "cli.json"
+    assert main(["frontier", "--suite-config", str(cfg_path), "--split", "dev", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["split"] == "dev" and out.with_suffix(".png").is_file()
+    assert "uniform-int" in capsys.readouterr().out
+    from kvsplice.loading import load_model
+
+    model, tok = load_model(str(folder))
+    with pytest.raises(SuiteError, match="tokens"):
+        run_suite(_cfg(str(folder), tokens=5000), "test", tmp_path / "x.json", model=model, tokenizer=tok, log=lambda m: None)
+    with pytest.raises(SuiteError, match="split"):
+        run_suite(_cfg(str(folder)), "train", tmp_path / "x.json", model=model, tokenizer=tok)
+    with pytest.raises(SuiteConfigError, match="domains"):
+        _cfg(domains=["nope"])
+    with pytest.raises(SuiteConfigError, match="seed"):
+        _cfg(calibration={"seed": 3})
+
+
+@pytest.mark.parametrize("name", ["quick", "full"])
+def test_repository_suite_configs_load(name):
+    cfg = SuiteConfig.named(name)
+    assert cfg.tokens >= 4096 and cfg.draws >= 3 and len(cfg.domains) >= 3
+    assert (cfg.tf_window - 1) * cfg.tf_windows >= cfg.tokens and cfg.continue_tokens * cfg.segments >= cfg.tokens
