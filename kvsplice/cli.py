@@ -18,6 +18,7 @@ COMMANDS: list[str] = [
     "kvsplice.commands.calibrate",
     "kvsplice.commands.train",
     "kvsplice.commands.ablate_train",
+    "kvsplice.commands.longctx",
     "kvsplice.commands.eval", "kvsplice.commands.ablate", "kvsplice.commands.generate", "kvsplice.commands.demo", "kvsplice.commands.frontier",
 ]
 
