@@ -190,6 +190,16 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
             self.tokens.map_batch(fn)
         self.batch_size = self.k_rows.raw.shape[0]
 
+    def activate_past_recording(self) -> None:
+        """Called by generate before assisted decoding / prompt lookup (they crop rejected candidates):
+        refuse there, naming the mode, when this layer cannot crop."""
+        if not self.is_croppable:
+            mode = f"a pruner ({type(self.pruner).__name__})" if self.pruner is not None else f"window={self.window}"
+            raise KVSpliceError(
+                f"a CompressedCache with {mode} cannot be cropped (rows already coded or evicted cannot be restored); "
+                "assisted decoding and prompt lookup need window=0 and no pruner"
+            )
+
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest -tokens_to_remove tokens (transformers 5.x: a count <= 0), as if never written.
         Refused (KVSpliceError naming the mode) with a window or a pruner: see `is_croppable`."""
@@ -198,12 +208,7 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
-        if not self.is_croppable:
-            mode = f"a pruner ({type(self.pruner).__name__})" if self.pruner is not None else f"window={self.window}"
-            raise KVSpliceError(
-                f"a CompressedCache with {mode} cannot be cropped (rows already coded or evicted cannot be restored); "
-                "assisted decoding and prompt lookup need window=0 and no pruner"
-            )
+        self.activate_past_recording()  # refuses when not croppable
         if n > self.length:
             raise KVSpliceError(f"cannot crop {n} tokens from a cache holding {self.length}")
         self.k_rows.crop(n)

@@ -166,7 +166,7 @@ def test_reorder_maps_every_per_sequence_state(arch, kind):
     for (k, v), layer in zip(before, cache.layers):
         torch.testing.assert_close(layer.k_rows.read(), k[beam_idx], atol=0, rtol=0)
         torch.testing.assert_close(layer.v_rows.read(), v[beam_idx], atol=0, rtol=0)
-    if cache.tokens is not None and cache.tokens.sink:
+    if getattr(cache, "tokens", None) is not None and cache.tokens.sink:
         assert cache.tokens.sink_rows[:, 0].tolist() == [3, 0, 0]  # first real rows: pads 3, 0, 0
     cache.batch_select_indices(torch.tensor([1, 0]))
     assert cache.layers[0].k_rows.read().shape[0] == 2 and cache.batch_size == 2
@@ -203,8 +203,10 @@ def test_assisted_and_prompt_lookup(arch, kind, lookup):
     with ctx:
         if kind == "prune":
             cache = make()
-            with pytest.raises(ValueError, match="crop"):
+            with pytest.raises(KVSpliceError, match="pruner.*cannot be cropped"):
                 model.generate(ids, max_new_tokens=N, do_sample=False, cache=cache, **extra)
+            with torch.no_grad():
+                model(ids, cache=cache, use_cache=True)
             with pytest.raises(KVSpliceError, match="pruner"):
                 cache.crop(-1)
             return
@@ -295,6 +297,8 @@ def test_crop_refusal_names_the_mode_and_window_zero_crops_exactly():
     assert not windowed.is_croppable
     with pytest.raises(KVSpliceError, match="window=2"):
         windowed.crop(-1)
+    with pytest.raises(KVSpliceError, match="window=2"):  # at first use by generate, before any compute
+        model.generate(ids, max_new_tokens=2, prompt_lookup_num_tokens=2, cache=CompressedCache(L, window=2))
     make, _ = cache_maker(model, "pcaq-kv-sink")
     cut, ref = make(), make()
     with torch.no_grad():
