@@ -195,6 +195,7 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
             tokens[f"{i}.kl"] = scorer.kl.half()
             tokens[f"{i}.top1"] = scorer.top1.to(torch.uint8)
         result["run"]["seconds"] = round(time.perf_counter() - t_start, 1)
+        result["summary"] = summarise(result["points"])  # a partial file is readable (and plottable) too
         _write(json_path, result, tokens)
 
     for domain in cfg.domains:
