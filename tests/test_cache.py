@@ -498,3 +498,31 @@ def test_cache_without_positions_is_refused_when_it_needs_them():
     layer = CompressedLayer(v_codec=pca_codecs(model, 3)[0], layer_idx=0, sink=1)  # with positions: fine
     layer.update(k, v, kwargs={"position_ids": torch.arange(4)[None]})
     assert layer.get_seq_length() == 4
+
+
+def test_gemma3_pre_rope_k_uses_each_layers_rotary_table():
+    """Gemma 3 rotates sliding and global layers with different tables (rope_theta per layer type): the
+    K codec of every layer must see that layer's true pre-RoPE K (the k_norm output), in a left-padded batch."""
+    import transformers
+
+    from kvsplice.geometry import Geometry
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=64, max_position_embeddings=256,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2,
+        pad_token_id=0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    ident = get_codec("identity").fit(torch.zeros(1, 8))
+    k_geometry = make_geometry({(l, 0): ident for l in range(3)}, {"target": "k"})
+    cache = CompressedCache.from_geometry(model, k_geometry=k_geometry)
+    seen = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.k_norm.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=generate_positions(mask), cache=cache, use_cache=True)
+    real = mask.bool()[:, None, :, None].expand(2, 1, ids.shape[1], 8)
+    for i in range(3):
+        torch.testing.assert_close(cache.layers[i].k_rows.payload["z"][real], seen[i][real], atol=1e-5, rtol=0)
