@@ -200,6 +200,25 @@ def test_cli_seed_preset_is_one_flag_away(tiny_llama, tmp_path):
     assert geo.meta["joint_heads"] == "false"
 
 
+def test_demo_cli_tiny(tiny_llama, tmp_path, capsys):
+    """`kvsplice demo` end to end on a tiny model: table with Δppl and its CI, bytes, tokens/s, a
+    sample, demo.json and a loadable recipe folder."""
+    from kvsplice.cli import main
+
+    common = _saved_model(tiny_llama, tmp_path)
+    out = tmp_path / "demo"
+    assert main(["demo", *common[:2], "--device", "cpu", "--calib-batches", "1", "--windows", "2", "--window", "128",
+                 "--new-tokens", "3", "--no-seed", "--quiet", "--out", str(out)]) == 0
+    res = json.loads((out / "demo.json").read_text())
+    base, ours = res["rows"]
+    assert base["delta_pct"] is None and ours["ci95"][0] <= ours["delta_pct"] <= ours["ci95"][1]
+    assert ours["kv_bytes_per_token"] < base["kv_bytes_per_token"] / 4 and ours["tokens_per_s"] > 0
+    assert abs(base["vs_16bit_pct"] - 200.0) < 1e-6  # float32 is twice a 16-bit cache
+    assert Recipe.load(out / "recipe").sink == 1
+    printed = capsys.readouterr().out
+    assert "95 % CI" in printed and "sample through the best recipe" in printed
+
+
 @pytest.mark.real
 def test_readme_library_snippet_real_model():
     """The README's library snippet, as printed there (small calibration: ~20 s on 2 cores)."""
