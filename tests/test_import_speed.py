@@ -49,3 +49,18 @@ def test_every_verb_help_is_light() -> None:
             "    except SystemExit: pass"
         )
         assert _loaded_after(code) == [], verb
+
+
+@pytest.mark.parametrize("backend, module", [("quanto", "optimum.quanto"), ("hqq", "hqq")])
+def test_missing_peer_backend_names_the_extra(backend, module, monkeypatch, tiny_llama):
+    """optimum-quanto / hqq are the optional extra [peers]: without them, one line naming it."""
+    import importlib.util
+
+    from kvsplice.peers.base import PeerError
+    from kvsplice.peers.hf_quantized import HFQuantized
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **kw: None if name == module else real(name, *a, **kw))
+    with pytest.raises(PeerError, match=r"kvsplice\[peers\]") as e:
+        HFQuantized(backend=backend, bits=4).cache_factory(tiny_llama[0])
+    assert "\n" not in str(e.value)

@@ -12,11 +12,12 @@ from kvsplice.errors import KVSpliceError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
+def add_device_args(p: argparse.ArgumentParser, dtype_default: str | None = "float32") -> None:
+    """dtype_default None: the verb's config decides (frontier)."""
     p.add_argument("--device", default=None,
                    help="torch device for the model and the cache: cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="model dtype (default float32; bytes 'vs uncompressed' are relative to this dtype)")
+    p.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                   help=f"model dtype (default {dtype_default or 'the config'}; bytes 'vs uncompressed' are relative to this dtype)")
 
 
 def resolve_device(name: str | None):
