@@ -195,10 +195,11 @@ def nan_model(tmp_path, tiny_llama):
 def test_eval_with_nan_logits_exits_non_zero(nan_model, files, capsys):
     _, text, geo = files
     out = text.parent / "nan.json"
-    line = one_line_error(capsys, main(["eval", "--model", str(nan_model), "--geometry", str(geo), "--data", str(text),
-                                        "--tf-window", "64", "--max-windows", "1", "--sink", "0", "--json", str(out),
-                                        "--allow-other-model"]))
-    assert "not finite" in line and not out.exists()
+    rc = main(["eval", "--model", str(nan_model), "--geometry", str(geo), "--data", str(text), "--tf-window", "64",
+               "--max-windows", "1", "--sink", "0", "--json", str(out), "--allow-other-model"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and not out.exists()
+    assert [l for l in err.splitlines() if "error:" in l and "not finite" in l] and "ppl nan" not in err
 
 
 def test_generate_with_nan_logits_exits_non_zero(nan_model, files, capsys):
