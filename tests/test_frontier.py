@@ -67,7 +67,7 @@ params = {{ peer = "uniform-int" }}
 name = "kivi"
 kind = "peer"
 sweep = {{ bits = [2, 4] }}
-params = {{ peer = "kivi", group = 4, residual = 4 }}
+params = {{ peer = "kivi", group = 4, residual = 4, v_group = 4 }}
 
 [[quick.methods]]
 name = "hf-hqq"
