@@ -179,9 +179,9 @@ class TokenIndex:
 
 
 def _put_sink(out: torch.Tensor, head: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Write head (B, H, sink, D) into out (B, H, S, D) at rows (B, sink) (-1: slot empty, left alone).
-    An empty slot repeats a filled slot of its sequence (same row, same value) so that no two writes
-    to one row disagree; a sequence with no filled slot rewrites row 0 with its own value."""
+    """Write head (B, H, sink, D) into out (B, H, S, D) in place at rows (B, sink) (-1: slot empty, left
+    alone). An empty slot repeats a filled slot of its sequence (same row, same value) so that no two
+    writes to one row disagree; a sequence with no filled slot rewrites row 0 with its own value."""
     B, H, n, D = head.shape
     valid = (rows >= 0) & (rows < out.shape[2])
     slot = torch.arange(n, device=rows.device).expand(B, n)
@@ -189,7 +189,7 @@ def _put_sink(out: torch.Tensor, head: torch.Tensor, rows: torch.Tensor) -> torc
     r = rows.gather(1, src).clamp_min(0)
     any_valid = valid.any(dim=1)[:, None, None, None]
     put = torch.where(any_valid, _gather_rows(head, src[:, None]), _gather_rows(out, r[:, None]))
-    return out.scatter(2, r[:, None, :, None].expand(B, H, n, D), put.to(out.dtype))
+    return out.scatter_(2, r[:, None, :, None].expand(B, H, n, D), put.to(out.dtype))
 
 
 class _Rows:
@@ -247,15 +247,15 @@ class _Rows:
     def read(self) -> torch.Tensor:
         """(B, H, S, D) in the model dtype: decoded payload then raw rows, exact sink rows put back.
         The one place where rows are decoded."""
-        out = self.raw
-        if self.payload is not None:
-            if self.position_aware:
-                dec = self.codec.decode(self.payload, self.tokens.row_positions(0, self.num_payload))
-            else:
-                dec = self.codec.decode(self.payload)
-            out = torch.cat([dec.to(self.raw.dtype), self.raw], dim=2)
+        if self.payload is None:  # every row raw, sink rows included: nothing to decode or put back
+            return self.raw
+        if self.position_aware:
+            dec = self.codec.decode(self.payload, self.tokens.row_positions(0, self.num_payload))
+        else:
+            dec = self.codec.decode(self.payload)
+        out = torch.cat([dec.to(self.raw.dtype), self.raw], dim=2)  # a fresh tensor: the sink goes in in place
         if self.head is not None and self.tokens.sink_rows is not None:
-            out = _put_sink(out, self.head, self.tokens.sink_rows)
+            _put_sink(out, self.head, self.tokens.sink_rows)
         return out
 
     def select(self, idx: torch.Tensor) -> None:

@@ -526,3 +526,18 @@ def test_gemma3_pre_rope_k_uses_each_layers_rotary_table():
     real = mask.bool()[:, None, :, None].expand(2, 1, ids.shape[1], 8)
     for i in range(3):
         torch.testing.assert_close(cache.layers[i].k_rows.payload["z"][real], seen[i][real], atol=1e-5, rtol=0)
+
+
+def test_put_sink_leaves_empty_slots_alone():
+    """Sink slots not filled yet (-1) must not overwrite a filled slot's row, whatever the scatter order."""
+    from kvsplice.rows import _put_sink
+
+    B, H, S, D = 3, 2, 5, 4
+    out = torch.zeros(B, H, S, D)
+    head = torch.arange(1.0, 1 + B * H * 2 * D).view(B, H, 2, D)
+    rows = torch.tensor([[0, 3], [0, -1], [-1, -1]])
+    for _ in range(20):  # a conflicting write would show up in some order
+        got = _put_sink(out.clone(), head, rows)
+        want = out.clone()
+        want[0, :, 0], want[0, :, 3], want[1, :, 0] = head[0, :, 0], head[0, :, 1], head[1, :, 0]
+        assert torch.equal(got, want)
