@@ -111,10 +111,11 @@ def plot_suite_json(path: str | os.PathLike, result: dict[str, Any], clip: tuple
                 for x, y, r in zip(xs, ys, mr):
                     if y > hi or y < lo:
                         edge = hi if y > hi else lo
-                        ax.scatter([x], [edge], marker="^" if y > hi else "v", s=70, color=colour, zorder=5, edgecolors="black")
-                        ax.annotate(f"{y:+.0f}%", (x, edge), textcoords="offset points", xytext=(4, -10 if y > hi else 4), fontsize=7, color=colour)
+                        ax.scatter([x], [edge], marker="^" if y > hi else "v", s=70, color=colour, zorder=5, edgecolors="black", clip_on=False)
+                        ax.annotate(f"{y:+.3g}%", (x, edge), textcoords="offset points", xytext=(6, -12 if y > hi else 6), fontsize=7,
+                                    color=colour, weight="bold", annotation_clip=False)
                     elif m in headline:
-                        ax.annotate(f"{y:+.1f}%", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7.5, color=colour, weight="bold")
+                        ax.annotate(f"{y:+.3g}%", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7.5, color=colour, weight="bold")
             base = (result.get("domains", {}).get(domain, {}).get("baseline", {}))
             ppl = ", ".join(f"{'TF' if p.startswith('teacher') else 'PC'} {b['ppl']:.2f}" for p, b in base.items())
             ax.axhline(0.0, color="grey", lw=0.8, ls="--", zorder=1)
@@ -128,10 +129,16 @@ def plot_suite_json(path: str | os.PathLike, result: dict[str, Any], clip: tuple
             dep = xkey.replace("amortised_", "").replace("x", " seq x ")
             ax.set_xlabel(f"bits per K/V value (geometry amortised over {dep} tokens)" if keys else "bits per K/V value (payload)", fontsize=8)
         axes[0][0].set_ylabel(f"Δ perplexity vs uncompressed, % (95% CI; clipped to [{lo:g}, {hi:g}])")
-        axes[0][-1].legend(fontsize=7, loc="upper right")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        for ax in axes[0][1:]:  # methods missing from the first panel
+            for h, l in zip(*ax.get_legend_handles_labels()):
+                if l not in labels:
+                    handles.append(h)
+                    labels.append(l)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
         fig.suptitle(title or f"{result.get('model', '')}: {result.get('suite', '')} suite, "
                      f"{result.get('split', '')} split (circles/solid: ours; squares/dashed: peers; diamonds/dotted: seed)", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         save_png(fig, path)
     finally:
         plt.close(fig)
