@@ -1,5 +1,8 @@
 """GPT-2 (`GPT2LMHeadModel` / `GPT2Model`): one fused `c_attn` Conv1D gives (B, T, 3C) = [q | k | v];
-all heads are KV heads (no grouping), head_dim = C / n_head."""
+all heads are KV heads (no grouping), head_dim = C / n_head, no RoPE (learned absolute positions).
+
+transformers' GPT-2 hands K/V to `cache.update` like every family, so `capture()` takes them there;
+the `c_attn` hook (`capture_hooks`) serves kvsplice.train's GPT, which has no Cache."""
 
 from __future__ import annotations
 
