@@ -50,27 +50,29 @@ class PreRopeLayerCodec(LayerCodec):
         """A copy on `device` in float32 (not `dtype`: see the module docstring)."""
         return PreRopeLayerCodec(super().to(device, torch.float32), self.rotary)
 
-    def _cos_sin(self, positions: torch.Tensor | None, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(self, positions: torch.Tensor | None, B: int, T: int, span: tuple[int, int] | None):
         if positions is None or tuple(positions.shape) != (B, T):
             found = None if positions is None else tuple(positions.shape)
             raise KVSpliceError(f"a pre-RoPE K codec needs the rows' positions of shape {(B, T)}, got {found}")
-        cos, sin = self.rotary(positions)  # (B, T, D) float32
+        cos, sin = self.rotary(positions, span)  # (B, T, D) float32
         if cos.shape[-1] != self.head_dim:
             raise GeometryError(f"rotary tables have dim {cos.shape[-1]}, K heads dim {self.head_dim} (partial RoPE?)")
         return cos[:, None], sin[:, None]  # (B, 1, T, D): same rotation for every head
 
-    def encode(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x (B, H, T, D): post-RoPE K of rows at positions (B, T)."""
+    def encode(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+               span: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """x (B, H, T, D): post-RoPE K of rows at positions (B, T) (span: their (min, max), if known)."""
         B, _, T, _ = x.shape
-        c, s = self._cos_sin(positions, B, T)
+        c, s = self._cos_sin(positions, B, T, span)
         x = x.float()
         pre = (x * c - rotate_half(x) * s) / (c * c + s * s)
         return super().encode(pre)
 
-    def decode(self, payload: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, payload: dict[str, torch.Tensor], positions: torch.Tensor | None = None,
+               span: tuple[int, int] | None = None) -> torch.Tensor:
         """-> post-RoPE K (B, H, P, D) float32 of rows at positions (B, P)."""
         pre = super().decode(payload).float()  # (B, H, P, D)
-        c, s = self._cos_sin(positions, pre.shape[0], pre.shape[2])
+        c, s = self._cos_sin(positions, pre.shape[0], pre.shape[2], span)
         return pre * c + rotate_half(pre) * s
 
 

@@ -6,6 +6,7 @@ model's own rotary module:
 
     rotary = layer_rotary(model, layer)          # RotaryLookup, or None (no RoPE, e.g. GPT-2)
     cos, sin = rotary(positions (B, T) int)      # each (B, T, D) float32
+    cos, sin = rotary(positions, span=(lo, hi))  # same, with the positions' bounds known (no device sync)
 
 Layer types. Llama / Qwen3 have one table for every layer (`rotary_emb(x, position_ids)`). Gemma 3
 has one module computing a different table per layer type (sliding vs global attention:
@@ -58,11 +59,16 @@ class RotaryLookup:
             cos, sin = self.module(*args)
         return cos.float(), sin.float()
 
-    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, positions: torch.Tensor, span: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, T, D) float32. span: (min, max) of the positions when the
+        caller knows them (a cache tracks them on the host, sparing two device syncs per read)."""
         positions = positions.long()
-        if positions.numel() == 0 or int(positions.min()) < 0:  # no table for negative positions
+        if positions.numel() == 0:
             return self._call(positions)
-        n = int(positions.max()) + 1
+        lo, hi = span if span is not None else (int(positions.min()), int(positions.max()))
+        if lo < 0:  # no table for negative positions
+            return self._call(positions)
+        n = hi + 1
         cos, sin = self._tables.get(positions.device, (None, None))
         if cos is None or cos.shape[0] < n:
             m = max(n, 2 * (cos.shape[0] if cos is not None else 0), 256)

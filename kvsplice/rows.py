@@ -120,6 +120,7 @@ class TokenIndex:
     def reset(self) -> None:
         self.length = 0
         self.positions: torch.Tensor | None = None  # (B, S) int32
+        self.span: tuple[int, int] | None = None  # (min, max) of every position seen (host ints, no device sync)
         self.sink_rows: torch.Tensor | None = None  # (B, sink) int64
         self._last: tuple[int, int, torch.Tensor | None] | None = None  # (start, q, assign) of the last step
 
@@ -143,6 +144,8 @@ class TokenIndex:
             self.sink_rows = torch.full((B, self.sink), -1, dtype=torch.long, device=device)
         if self.keep_positions:
             self.positions = torch.cat([self.positions, pos.to(torch.int32)], dim=1)
+            lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one host sync per step, not one per layer read
+            self.span = (lo, hi) if self.span is None else (min(lo, self.span[0]), max(hi, self.span[1]))
         assign = None
         if self.sink:
             local = torch.arange(q, device=device).expand(B, q)
@@ -231,7 +234,7 @@ class _Rows:
     def _encode(self, x: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
         """Payload of rows start..start+T-1 (x (B, H, T, D)); a pre-RoPE codec gets their positions."""
         if self.position_aware:
-            return self.codec.encode(x, self.tokens.row_positions(start, x.shape[2]))
+            return self.codec.encode(x, self.tokens.row_positions(start, x.shape[2]), self.tokens.span)
         return self.codec.encode(x)
 
     def _spill(self) -> None:
@@ -250,7 +253,7 @@ class _Rows:
         if self.payload is None:  # every row raw, sink rows included: nothing to decode or put back
             return self.raw
         if self.position_aware:
-            dec = self.codec.decode(self.payload, self.tokens.row_positions(0, self.num_payload))
+            dec = self.codec.decode(self.payload, self.tokens.row_positions(0, self.num_payload), self.tokens.span)
         else:
             dec = self.codec.decode(self.payload)
         out = torch.cat([dec.to(self.raw.dtype), self.raw], dim=2)  # a fresh tensor: the sink goes in in place
