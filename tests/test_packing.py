@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsplice.codecs.packing import layout, pack_fast, pack_reference, unpack_fast, unpack_reference
+from kvsplice.codecs.packing import layout, pack_fast, pack_reference, unpack_fast, transposed_plan, unpack_fast_t, unpack_reference
 from kvsplice.codecs.quant import pack_codes, packed_nbytes, unpack_codes
 
 
@@ -31,6 +31,9 @@ def test_fast_packing_is_byte_identical_to_reference(seed):
     assert torch.equal(unpack_reference(ref, widths), codes)
     stored = unpack_fast(ref, lay)
     assert torch.equal(stored, codes[..., lay.index])
+    order = transposed_plan(lay).order
+    assert sorted(order.tolist()) == list(range(len(lay.index)))
+    assert torch.equal(unpack_fast_t(ref, lay, torch.long), stored[..., order].transpose(-1, -2))
     assert torch.equal(unpack_codes(ref, list(widths)), codes)  # public API, zeros at width 0
     assert torch.equal(pack_codes(codes, list(widths)), ref)
 

@@ -29,6 +29,7 @@ import torch
 
 from kvsplice.codecs.base import Codec, TensorSpec, check_orthonormal_columns, register
 from kvsplice.codecs.companders import WARPS, make_warp
+from kvsplice.codecs.packing import Layout, layout, pack_fast, transposed_plan, unpack_fast_t
 from kvsplice.codecs.pca import fit_pca
 from kvsplice.codecs.quant import (
     MAX_BITS,
@@ -37,7 +38,6 @@ from kvsplice.codecs.quant import (
     gaussian_clip,
     midrise_codes,
     midrise_values,
-    pack_codes,
     packed_nbytes,
     unpack_codes,
     water_fill,
@@ -156,12 +156,21 @@ class TransformQ(Codec):
         z = self._premix(self.warp.forward(x.float()))
         u, g = self._normalise(z - self.mean.float())
         y = (u @ self.rotation.float() - self.ymean.float())[..., self.kept]  # (..., k)
-        b = self.alloc[self.kept]
-        codes = midrise_codes(y, self.clip_abs[self.kept].float(), (1 << b).float())
-        out = {"codes": pack_codes(codes, b.tolist())}
+        lay, clip, levels = self._encode_tables()
+        codes = midrise_codes(y, clip, levels)  # in [0, levels - 1] by construction: pack unchecked
+        out = {"codes": pack_fast(codes, lay)}
         if g is not None:
             out["gain"] = g
         return out
+
+    def _encode_tables(self) -> tuple[Layout, torch.Tensor, torch.Tensor]:
+        """(packing layout of the kept codes, clip (k,), levels (k,)), cached while alloc/clip are the same tensors."""
+        key = (self.alloc, self.clip_abs)
+        cached = getattr(self, "_enc", None)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+            b = self.alloc[self.kept]
+            cached = self._enc = (key, (layout(tuple(b.tolist()), b.device), self.clip_abs[self.kept].float(), (1 << b).float()))
+        return cached[1]
 
     def _coefficients(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
         """payload -> dequantised rotated coefficients times gain, (..., D) float32."""
@@ -179,8 +188,59 @@ class TransformQ(Codec):
         return y
 
     def decode(self, payload: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """payload -> (..., D) in `dtype` (float32 unless told)."""
-        return self.decompress(self._coefficients(payload)).to(dtype)
+        """payload -> (..., D) in `dtype` (float32 unless told). Without a warp: one matmul on the
+        stored codes (`affine_form`); with one: the reference path (coefficients, rotation, warp^-1)."""
+        form = self.affine_form()
+        if form is None:
+            return self.decompress(self._coefficients(payload)).to(dtype)
+        lay, _, b, mu = form
+        codes_t = unpack_fast_t(self._codes_bytes(payload, lay), lay)  # (..., k, T), rows in plan order
+        x = codes_t.transpose(-1, -2) @ self._affine[2] + b  # (..., T, D)
+        return (x * self._gain(payload) + mu if self.scale == "gain" else x + mu).to(dtype)
+
+    # -- affine form: decode as one matmul (also what kvsplice/coded_attention.py computes with) -------
+    def affine_form(self) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Decode without a warp is affine in the stored codes c (..., k) (the codes of width > 0,
+        as floats):  x = g * (c @ A + b) + mu,  g the payload's fp16 gain (1 with scale="static").
+        Returns (packing layout, A (k, D), b (D,), mu (D,)) in float32, or None when the warp is not
+        the identity. A = step_i * R[:, i]^T rows (i kept), b = (ymean + centre offsets) @ R^T,
+        both times M^(-1/2) when fitted with a metric. Cached until the state tensors change."""
+        if type(self.warp) is not WARPS["none"]:
+            return None
+        if self.dim is None:
+            raise CodecError(f"{self.name} codec is not fitted; call fit() or load a geometry file first")
+        key = (self.rotation, self.mean, self.ymean, self.alloc, self.clip_abs, self.post)
+        cached = getattr(self, "_affine", None)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        kept, R = self.kept, self.rotation.float()
+        bits = self.alloc[kept]
+        clip = self.clip_abs[kept].float()
+        step = 2 * clip / (1 << bits).float()  # midrise_values: -clip + (code + 0.5) * step
+        off = torch.zeros_like(self.ymean, dtype=torch.float32)
+        off[kept] = step / 2 - clip
+        A = step[:, None] * R[:, kept].T  # (k, D)
+        b = (self.ymean.float() + off) @ R.T  # (D,)
+        mu = self.mean.float()
+        if self.post is not None:
+            P = self.post.float()
+            A, b, mu = A @ P, b @ P, mu @ P
+        lay = layout(tuple(bits.tolist()), A.device)
+        form = (lay, A.contiguous(), b, mu)
+        self._affine = (key, form, A[transposed_plan(lay).order.to(A.device)].contiguous())  # rows in unpack_fast_t order
+        return form
+
+    def _codes_bytes(self, payload: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
+        codes = payload.get("codes")
+        if codes is None or codes.dtype != torch.uint8 or codes.shape[-1] != lay.nbytes:
+            found = None if codes is None else f"{codes.dtype} (..., {codes.shape[-1]})"
+            raise CodecError(f"{self.name}: payload 'codes' must be uint8 (..., {lay.nbytes}), found {found}")
+        return codes
+
+    def _gain(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "gain" not in payload:
+            raise CodecError(f"{self.name}: payload has no 'gain' entry (keys: {sorted(payload)})")
+        return payload["gain"].float()
 
     def payload_bytes_per_vector(self, dtype: torch.dtype = torch.float32) -> float:
         """Exact: packed codes (+ 2 bytes of fp16 gain); independent of the cache dtype."""

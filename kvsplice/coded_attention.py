@@ -1,0 +1,265 @@
+"""Attention in the coded domain: the "kvsplice-coded" attention reads V (and post-RoPE K) codec
+payloads without decoding them row by row.
+
+A transform coder without a warp decodes a row affinely (TransformQ.affine_form):
+
+    x_t = g_t (c_t @ A + b) + mu        c_t (k,) stored codes as floats, g_t fp16 gain, A (k, D)
+
+so for attention probabilities p_t over the payload rows (one query head, KV head slice h):
+
+    V:  sum_t p_t x_t  = (sum_t p_t g_t c_t) @ A_h + (sum_t p_t g_t) b_h + (sum_t p_t) mu_h
+    K:  q . x_t        = g_t (c_t . (A_h q)) + g_t (q . b_h) + q . mu_h
+
+A weighted sum of codes (T x k per query head) replaces decoding (T x k x D per KV group) and the
+projection back to D happens once per step. GQA: the G query heads of a KV group are stacked as
+rows of one matmul, so each group's codes are read once. K codecs applied before RoPE
+(kvsplice/kcodec.py: RoPE sits between decode and dot product) keep the decode path: their rows are
+decoded (one layer at a time, the codec's one-matmul decode) and RoPE'd as before.
+
+Use:
+    cache = CompressedCache.from_geometry(model, v_geometry, k_geometry, sink=1)
+    with coded_attention(model, cache):
+        model.generate(ids, past_key_values=cache, ...)
+
+The reference is the same cache without it (decode then the model's attention); tests assert both
+give the same logits. Transient memory: codes of one layer as floats (B, P, k) plus one layer's
+decoded K where K is coded before RoPE; float V is never materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvsplice.codecs.packing import Layout, transposed_plan, unpack_fast_t
+from kvsplice.errors import KVSpliceError, ModelError
+
+NAME = "kvsplice-coded"
+
+
+@dataclass
+class AffineGroup:
+    """One codec of a layer in affine form, covering KV heads h0 .. h0 + n - 1.
+    A: (n, k, hd) (rows in `unpack_fast_t` order), b, mu: (n, 1, hd), all float32; payload index
+    `slot` (H' axis)."""
+
+    h0: int
+    n: int
+    slot: int
+    lay: Layout
+    A: torch.Tensor
+    b: torch.Tensor
+    mu: torch.Tensor
+    gain: bool
+
+
+def affine_groups(layer_codec: Any) -> list[AffineGroup] | None:
+    """The affine groups of a LayerCodec (cached on it), or None when a codec is not affine
+    (a warp) or the LayerCodec is position-aware (K coded before RoPE)."""
+    if getattr(layer_codec, "position_aware", False):
+        return None
+    cached = getattr(layer_codec, "_affine_groups", None)
+    if cached is not None:
+        return cached or None
+    groups: list[AffineGroup] = []
+    hd = layer_codec.head_dim
+    for slot, codec in enumerate(layer_codec.codecs):
+        form = codec.affine_form() if hasattr(codec, "affine_form") else None
+        if form is None:
+            groups = []
+            break
+        lay, A, b, mu = form
+        A = A[transposed_plan(lay).order.to(A.device)]  # rows in the order unpack_fast_t returns codes
+        n = layer_codec.num_heads if layer_codec.joint else 1
+        k = A.shape[0]
+        groups.append(AffineGroup(
+            h0=0 if layer_codec.joint else slot, n=n, slot=slot, lay=lay,
+            A=A.view(k, n, hd).permute(1, 0, 2).contiguous(),  # (n, k, hd)
+            b=b.view(n, 1, hd), mu=mu.view(n, 1, hd), gain=codec.scale == "gain",
+        ))
+    layer_codec._affine_groups = groups
+    return groups or None
+
+
+class CodedRows:
+    """K or V rows of one layer in token order: payload rows (coded: {name: (B, H', P, *)}), then
+    `raw` exact rows (B, H, R, D); where the cache keeps a sink, the exact rows `sink_head`
+    (B, H, n, D) replace rows `sink_rows` (B, n) (-1: empty slot) of each sequence. Handed to the
+    attention function instead of a float tensor; `materialize()` is what the cache would return."""
+
+    def __init__(self, rows: Any, groups: list[AffineGroup]) -> None:
+        self.rows, self.groups = rows, groups
+        self.payload, self.raw = rows.payload, rows.raw
+        self.num_payload = rows.num_payload
+        self.num_rows = self.num_payload + self.raw.shape[2]
+        self.num_heads = self.raw.shape[1]
+        tokens = getattr(rows, "tokens", None)
+        sink_rows = getattr(tokens, "sink_rows", None)
+        self.sink_head = rows.head if (rows.head is not None and sink_rows is not None) else None
+        self.sink_rows = sink_rows if self.sink_head is not None else None
+
+    def materialize(self) -> torch.Tensor:
+        return self.rows.read()
+
+    def codes(self, g: AffineGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored codes of group g, TRANSPOSED: (B, k, P) float32, and gains (B, 1, P) float32 (None
+        without gain). Unpacked once per call: K and V each read their codes once per layer step."""
+        codes = unpack_fast_t(self.payload["codes"][:, g.slot], g.lay, torch.float32)
+        gain = self.payload["gain"][:, g.slot].float().transpose(1, 2) if g.gain else None
+        return codes, gain
+
+    def sink_index(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(index (B, 1, 1, n) into S + 1 columns: empty slots point at the extra column S, valid (B, 1, 1, n))."""
+        if self.sink_rows is None:
+            return None
+        r = self.sink_rows
+        valid = (r >= 0) & (r < self.num_rows)
+        return torch.where(valid, r, self.num_rows)[:, None, None, :], valid[:, None, None, :]
+
+
+def coded_rows(rows: Any) -> Any:
+    """What `CompressedLayer.update` returns under coded attention: a CodedRows when `rows` holds an
+    affine payload, else the float rows (`rows.read()`: no codec, a warp, or K coded before RoPE)."""
+    if rows.codec is None or rows.payload is None:
+        return rows.read()
+    groups = affine_groups(rows.codec)
+    return rows.read() if groups is None else CodedRows(rows, groups)
+
+
+# -- the attention function -------------------------------------------------------------------------
+
+
+def _overwrite(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor | float) -> torch.Tensor:
+    """x (..., S) with columns idx (B, 1, 1, n) (S = an extra column that is dropped) set to src."""
+    ext = torch.cat([x, x.new_zeros(*x.shape[:-1], 1)], dim=-1)
+    return ext.scatter(-1, idx.expand(*x.shape[:-1], idx.shape[-1]), src)[..., :-1]
+
+
+def _coded_scores(qg: torch.Tensor, key: "CodedRows") -> torch.Tensor:
+    """Scores of the payload rows: qg (B, H, Gq, D) -> (B, H, Gq, P). The n * Gq query rows of a
+    group are one matmul against the group's codes (read once for all its query heads)."""
+    parts = []
+    B, _, Gq, _ = qg.shape
+    for g in key.groups:  # one affine group per codec (joint: all heads)
+        qh = qg[:, g.h0 : g.h0 + g.n]  # (B, n, Gq, hd)
+        codes, gain = key.codes(g)  # (B, k, P), (B, 1, P)
+        qa = (qh @ g.A.transpose(1, 2)).reshape(B, g.n * Gq, -1)  # A_h q  (B, n*Gq, k)
+        s = (qa @ codes).view(B, g.n, Gq, -1)  # (B, n, Gq, P)
+        s = s + qh @ g.b.transpose(1, 2)  # + q . b_h  (B, n, Gq, 1)
+        if gain is not None:
+            s = s * gain[:, None]  # times g_t
+        parts.append(s + qh @ g.mu.transpose(1, 2))  # + q . mu_h
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _scores(qg: torch.Tensor, key: Any) -> torch.Tensor:
+    """qg (B, H, G*q, D) float32, key Tensor | CodedRows -> raw scores (B, H, G*q, S) float32."""
+    if isinstance(key, torch.Tensor):
+        return qg @ key.float().transpose(2, 3)
+    s = torch.cat([_coded_scores(qg, key), qg @ key.raw.float().transpose(2, 3)], dim=-1)
+    sink = key.sink_index()
+    if sink is not None:  # exact scores of the sink rows
+        s = _overwrite(s, sink[0], qg @ key.sink_head.float().transpose(2, 3))
+    return s
+
+
+def _weighted_values(p: torch.Tensor, value: Any) -> torch.Tensor:
+    """p (B, H, G*q, S) float32, value Tensor | CodedRows -> (B, H, G*q, D) float32."""
+    if isinstance(value, torch.Tensor):
+        return p @ value.float()
+    out = None
+    sink = value.sink_index()
+    if sink is not None:  # sink rows: their probability goes to the exact rows, not to the decoded ones
+        idx, valid = sink
+        p_sink = p.gather(-1, idx.clamp_max(value.num_rows - 1).expand(*p.shape[:-1], idx.shape[-1])) * valid
+        out = p_sink @ value.sink_head.float()
+        p = _overwrite(p, idx, 0.0)
+    P = value.num_payload
+    heads = []
+    B, _, Gq, _ = p.shape
+    for g in value.groups:
+        ph = p[:, g.h0 : g.h0 + g.n, :, :P]  # (B, n, Gq, P)
+        codes, gain = value.codes(g)  # (B, k, P), (B, 1, P)
+        w = ph if gain is None else ph * gain[:, None]  # p_t g_t
+        c = (w.reshape(B, g.n * Gq, P) @ codes.transpose(1, 2)).view(B, g.n, Gq, -1)  # sum_t p_t g_t c_t
+        heads.append(c @ g.A + w.sum(-1, keepdim=True) * g.b + ph.sum(-1, keepdim=True) * g.mu)
+    o = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
+    if value.raw.shape[2]:
+        o = o + p[..., P:] @ value.raw.float()
+    return o if out is None else o + out
+
+
+def coded_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: Any,
+    value: Any,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query (B, Hq, q, D); key / value: (B, H, S, D) tensors or CodedRows (same S, token order).
+    Returns (B, q, Hq, D) in query's dtype and no probabilities."""
+    from kvsplice.attention import _allowed
+
+    B, Hq, q, D = query.shape
+    H = key.num_heads if isinstance(key, CodedRows) else key.shape[1]
+    S = key.num_rows if isinstance(key, CodedRows) else key.shape[2]
+    Sv = value.num_rows if isinstance(value, CodedRows) else value.shape[2]
+    if Hq % H or S != Sv:
+        raise ModelError(f"{NAME} attention: {Hq} query heads over {H} KV heads, {S} key rows and {Sv} value rows")
+    G = Hq // H
+    qg = query.float().reshape(B, H, G * q, D)  # query head h*G + j -> rows j*q .. j*q + q - 1 of group h
+    scores = _scores(qg, key) * (D**-0.5 if scaling is None else scaling)  # (B, H, G*q, S)
+    allowed = _allowed(attention_mask, None, q, S, query.device)  # (B | 1, 1, q, S)
+    if allowed.shape[1] != 1:
+        raise ModelError(f"{NAME} attention expects a mask shared by heads, got {tuple(allowed.shape)}")
+    scores = scores.view(B, H, G, q, S).masked_fill(~allowed[:, :, None], torch.finfo(torch.float32).min)
+    p = nn.functional.softmax(scores, dim=-1).view(B, H, G * q, S)
+    p = nn.functional.dropout(p, p=dropout, training=module.training)
+    out = _weighted_values(p, value)  # (B, H, G*q, D)
+    return out.view(B, Hq, q, D).transpose(1, 2).contiguous().to(query.dtype), None
+
+
+def register_coded_attention() -> None:
+    """Register "kvsplice-coded" (attention + a mask that is never skipped) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from kvsplice.attention import kvsplice_mask
+
+    AttentionInterface.register(NAME, coded_attention_forward)
+    AttentionMaskInterface.register(NAME, kvsplice_mask)
+
+
+class coded_attention:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Switch `model` to the coded attention and `cache` (a CompressedCache) to coded reads; restore
+    both on exit (or `.restore()`). Refuses a pruning cache (pruning needs the probabilities)."""
+
+    def __init__(self, model: Any, cache: Any) -> None:
+        if getattr(cache, "pruner", None) is not None:
+            raise KVSpliceError(f"{NAME} attention cannot run a pruning cache (the pruner needs attention probabilities)")
+        from kvsplice.cache import CompressedCache  # here: cache.py imports this module
+
+        if not isinstance(cache, CompressedCache):
+            raise KVSpliceError(f"{NAME} attention needs a CompressedCache, got {type(cache).__name__}")
+        register_coded_attention()
+        self.model, self.cache, self.previous = model, cache, model.config._attn_implementation
+        model.set_attn_implementation(NAME)
+        for layer in cache.layers:
+            layer.coded = True
+
+    def restore(self) -> None:
+        for layer in self.cache.layers:
+            layer.coded = False
+        self.model.set_attn_implementation(self.previous)
+
+    def __enter__(self) -> Any:
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
