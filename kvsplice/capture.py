@@ -121,8 +121,9 @@ def capture_kv(
     patched: dict[int, object] = {}  # layer -> cache object whose `update` is wrapped now
 
     def top_pre(module, args, kwargs):
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        if bound.arguments.get(top_arg) is None:  # e.g. use_cache=False: give the forward a cache to call
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        given = [bound.get(top_arg), kwargs.get("cache"), kwargs.get("past_key_values")]  # either spelling
+        if all(c is None for c in given):  # e.g. use_cache=False: give the forward a cache to call
             kwargs = dict(kwargs, **{top_arg: DynamicCache(config=model.config)})
         return args, kwargs
 

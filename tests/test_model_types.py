@@ -220,3 +220,12 @@ def test_unknown_type_names_what_is_missing():
     olmo2 = _build("Olmo2Config", "Olmo2ForCausalLM")  # built like Llama, but not tested here
     with pytest.raises(ModelError, match="untested"):
         get_adapter(olmo2)
+
+
+def test_a_cache_passed_under_the_old_name_is_used_not_replaced():
+    model = make_tiny_llama()
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(7))
+    cache, recs = DynamicCache(config=model.config), {}
+    with capture_kv(model, get_adapter(model).attention_modules(), lambda r: recs.__setitem__(r.layer, r)), torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 5 and recs[1].keys.shape[2] == 5
