@@ -170,6 +170,10 @@ def test_cli_default_calibrate_writes_one_recipe_that_eval_and_generate_read(tin
     assert main(["generate", *common[:2], "--recipe", str(out), "--prompt", "hi there", "--max-new-tokens", "3",
                  "--no-compare"]) == 0
     assert "DynamicCache" not in capsys.readouterr().err
+    # nothing given: the best recipe is calibrated first (the default path is the best recipe)
+    assert main(["generate", *common[:2], "--prompt", "hi there", "--max-new-tokens", "2", "--calib-batches", "1",
+                 "--no-compare"]) == 0
+    assert "calibrated pca-q 4-bit, joint heads, K+V, sink 1" in capsys.readouterr().err
 
 
 def test_cli_calibrate_refusals_before_the_model_loads(tiny_llama, tmp_path, capsys):
