@@ -41,7 +41,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class Preset:
     """codec: registry name; params: its constructor parameters; rank: latent dims (None: the codec
     has no rank); targets: what is coded ("k", "v"); joint_heads: one codec per layer over all KV
-    heads; sink: first tokens kept exact."""
+    heads; sink: first tokens kept exact; max_batches: `kvsplice calibrate`'s default number of
+    1024-token calibration windows (None: the whole text)."""
 
     codec: str
     params: dict
@@ -49,13 +50,14 @@ class Preset:
     targets: tuple[str, ...]
     joint_heads: bool
     sink: int
+    max_batches: int | None
 
 
 PRESETS = {
     # README section 3: +0.35..0.67 % perplexity at 4.04 bits per cached value on SmolLM2-135M
-    "best": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1),
+    "best": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 8),
     # the seed document's Spline->PCA: V only, 64 -> 16 dims, one codec per (layer, head)
-    "seed": Preset("spline-pca", {}, 16, ("v",), False, 0),
+    "seed": Preset("spline-pca", {}, 16, ("v",), False, 0, None),
 }
 
 
