@@ -22,7 +22,7 @@ def plot_longctx(path: str | os.PathLike, result: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     cells = [c for c in result.get("cells", []) if c.get("accuracy") is not None]
     kept = [(k["task"], k["length"]) for k in result.get("kept", [])]
@@ -63,7 +63,9 @@ def plot_longctx(path: str | os.PathLike, result: dict[str, Any]) -> None:
                             ms=7, capsize=2, lw=1, ls="none", label=None if fam in seen else fam)
                 seen.add(fam)
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(FixedLocator([1, 2, 3, 4, 6, 8, 16, 32]))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("bits per cached K/V value (measured)", fontsize=8)
             ax.set_ylabel("perplexity" if panel == "ppl" else "accuracy (Wilson 95 %)", fontsize=8)
             if panel != "ppl":

@@ -199,6 +199,8 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
                               "filler": describe_default("evaluation"), "run": {}}
     if resume and out is not None and Path(out).is_file():
         old = json.loads(Path(out).read_text(encoding="utf-8"))
+        if dev_trials and old.get("dev"):  # the prompt format the earlier run chose on dev
+            spec = dataclasses.replace(spec, prompt=old["dev"]["chosen"])
         if old.get("spec") == spec.to_dict() and old.get("model") == result["model"]:
             result.update({k: old[k] for k in ("dev", "methods", "cells", "kept", "ppl") if k in old})
             log(f"resuming: {len(result['cells'])} cells already in {out}")
@@ -236,6 +238,9 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
                 save()
     if ppl_prefill:
         result["ppl"] = result["ppl"] or {"prefill": ppl_prefill, "scored": ppl_tokens, "points": []}
+        if (result["ppl"]["prefill"], result["ppl"]["scored"]) != (ppl_prefill, ppl_tokens):
+            raise LongCtxError(f"{out} holds perplexity after {result['ppl']['prefill']}+{result['ppl']['scored']} tokens; "
+                               f"this run asks for {ppl_prefill}+{ppl_tokens}: use another --json")
         for name in methods:
             if any(p["method"] == name for p in result["ppl"]["points"]):
                 continue
