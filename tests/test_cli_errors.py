@@ -83,16 +83,23 @@ def test_unwritable_output_fails_before_the_model_loads(files, capsys, monkeypat
     assert "directory" in line
 
 
-def test_validate_and_ablate_check_their_outputs(tmp_path, capsys):
+def test_validate_and_ablate_check_their_outputs(tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
 
+    import kvsplice.loading
+
     vec = tmp_path / "v.safetensors"
-    save_file({"vectors": torch.randn(50, 8)}, str(vec))
-    one_line_error(capsys, main(["validate", "--data", str(vec), "--json", str(vec)]))
+    save_file({"vectors": torch.randn(200, 8)}, str(vec))
+    before = vec.read_bytes()
+    argv = ["validate", "--data", str(vec), "--ranks", "2", "--epochs", "1"]  # a valid run (it used to overwrite)
+    assert "--data" in one_line_error(capsys, main(argv + ["--json", str(vec)]))
+    assert vec.read_bytes() == before
+    monkeypatch.setattr(kvsplice.loading, "load_model", lambda *a, **k: pytest.fail("model loaded before the path check"))
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "unused"\n')
-    one_line_error(capsys, main(["ablate", "--config", str(cfg), "--json", str(cfg)]))
-    one_line_error(capsys, main(["ablate", "--config", str(cfg), "--json", str(tmp_path / "a"), "--plot", str(tmp_path / "a")]))
+    assert "--config" in one_line_error(capsys, main(["ablate", "--config", str(cfg), "--json", str(cfg)]))
+    line = one_line_error(capsys, main(["ablate", "--config", str(cfg), "--json", str(tmp_path / "a"), "--plot", str(tmp_path / "a")]))
+    assert "same file" in line
 
 
 # -- fail fast on flags ---------------------------------------------------------------------------
