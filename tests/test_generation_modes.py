@@ -179,8 +179,10 @@ def test_left_padded_batch_equals_each_prompt_alone(arch, kind):
     make, ctx = cache_maker(model, kind)
     ids, mask = left_padded(PROMPTS)
     with ctx:
-        batch, _ = run(model, ids, mask, do_sample=False, cache=make())
+        batch, scores = run(model, ids, mask, do_sample=False, cache=make())
         alone = [run(model, torch.tensor([p]), do_sample=False, cache=make())[0] for p in PROMPTS]
+    if kind == "identity":  # DynamicCache logits on the padded batch, K path included
+        torch.testing.assert_close(scores, run(model, ids, mask, do_sample=False)[1], atol=1e-5, rtol=0)
     if kind == "prune":  # the budget counts the padded length: runs, but rows differ from the prompt alone
         assert batch.shape == (2, ids.shape[1] + N)
         return
@@ -250,6 +252,8 @@ def test_pipeline_with_a_list_of_prompts(arch, kind):
     with ctx:
         with factory.installed(model):
             outs = pipe(texts, max_new_tokens=N, do_sample=False, return_full_text=False)
+            if kind == "pcaq-kv-sink":  # one left-padded batch through the pipeline: the same texts
+                assert pipe(texts, max_new_tokens=N, do_sample=False, return_full_text=False, batch_size=2) == outs
         alone = [model.generate(tok(t, return_tensors="pt").input_ids, max_new_tokens=N, do_sample=False,
                                 cache=make()) for t in texts]
     assert "generate" not in vars(model)  # restored
