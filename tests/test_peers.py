@@ -330,3 +330,19 @@ def test_pre_rope_k_codec_is_exact_with_identity_and_sees_pre_rope_k():
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)
     torch.testing.assert_close(cache.layers[0].k_rows.payload["z"], cap.records[0][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nbits", [2, 4])
+def test_hf_quanto_round_trip_within_half_a_step_per_token_head(nbits):
+    """Library defaults (axis 0, group 64 = head_dim): each token's head vector has its own scale,
+    so the round trip is within half of that vector's step (max - min) / (2**nbits - 1)."""
+    pytest.importorskip("optimum.quanto")
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 3, 10, 64, generator=g) * torch.logspace(-2, 1, 10).view(1, 1, 10, 1)  # scales differ per token
+    layer = QuantoQuantizedLayer(nbits=nbits)
+    layer.update(k, k.clone())
+    back = layer._dequantize(layer._quantized_keys)
+    step = (k.amax(-1, keepdim=True) - k.amin(-1, keepdim=True)) / (2**nbits - 1)  # (1, 3, 10, 1)
+    assert bool(((back - k).abs() <= 0.5 * step * 1.01 + 1e-6).all())
