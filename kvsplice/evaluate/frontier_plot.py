@@ -128,7 +128,7 @@ def plot_suite_json(path: str | os.PathLike, result: dict[str, Any], clip: tuple
             ax.set_title(f"{domain} ({result.get('split', '?')} split; baseline ppl {ppl})", fontsize=9)
             dep = xkey.replace("amortised_", "").replace("x", " seq x ")
             ax.set_xlabel(f"bits per K/V value (geometry amortised over {dep} tokens)" if keys else "bits per K/V value (payload)", fontsize=8)
-        axes[0][0].set_ylabel(f"Δ perplexity vs uncompressed, % (95% CI; clipped to [{lo:g}, {hi:g}])")
+        axes[0][0].set_ylabel(f"Δ perplexity, % vs uncompressed (95% CI; axis clipped to [{lo:g}, {hi:g}])", fontsize=8)
         handles, labels = axes[0][0].get_legend_handles_labels()
         for ax in axes[0][1:]:  # methods missing from the first panel
             for h, l in zip(*ax.get_legend_handles_labels()):
@@ -136,8 +136,8 @@ def plot_suite_json(path: str | os.PathLike, result: dict[str, Any], clip: tuple
                     handles.append(h)
                     labels.append(l)
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-        fig.suptitle(title or f"{result.get('model', '')}: {result.get('suite', '')} suite, "
-                     f"{result.get('split', '')} split (circles/solid: ours; squares/dashed: peers; diamonds/dotted: seed)", fontsize=10)
+        fig.suptitle(title or f"{result.get('model') or 'model'}: {result.get('suite', '')} suite, {result.get('split', '')} split\n"
+                     "circles / solid: ours; squares / dashed: peers; diamonds / dotted: the seed's rows", fontsize=9)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
         save_png(fig, path)
     finally:
