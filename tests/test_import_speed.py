@@ -64,3 +64,11 @@ def test_missing_peer_backend_names_the_extra(backend, module, monkeypatch, tiny
     with pytest.raises(PeerError, match=r"kvsplice\[peers\]") as e:
         HFQuantized(backend=backend, bits=4).cache_factory(tiny_llama[0])
     assert "\n" not in str(e.value)
+
+
+def test_longctx_task_names_match_the_evaluator():
+    """commands/longctx.py keeps its own copy of the task names (to stay torch-free): same tuple."""
+    from kvsplice.commands.longctx import TASKS as cli_tasks
+    from kvsplice.evaluate.longctx import TASKS
+
+    assert cli_tasks == TASKS

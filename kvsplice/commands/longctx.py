@@ -29,9 +29,12 @@ def _names(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    from kvsplice.evaluate.longctx import TASKS
+# = kvsplice.evaluate.longctx.TASKS (tests/test_import_speed.py checks); not imported from there:
+# that module imports torch, and `kvsplice --help` must not
+TASKS = ("passkey", "multikey")
 
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("longctx", help="long-context retrieval and perplexity through compressed caches", description=__doc__)
     p.add_argument("--model", default="smollm2-135m", help="model name or folder (default smollm2-135m)")
     p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="tokens per sequence (default 1024,2048,4096,8192)")
@@ -113,7 +116,7 @@ def format_table(result: dict) -> str:
     cols = sorted({(c["task"], c["length"]) for c in cells}, key=lambda t: (t[0], t[1]))
     ppl = {p["method"]: p for p in ((result.get("ppl") or {}).get("points") or [])}
     methods = list(dict.fromkeys([c["method"] for c in cells] + list(ppl)))
-    head = ["method", "bits/val"] + [f"{t}@{n}" for t, n in cols] + (["ppl"] if ppl else [])
+    head = ["method", "bits/val"] + [f"{t}@{n}" for t, n in cols] + ([f"ppl after {result['ppl']['prefill']} (Δ% vs baseline [95% CI])"] if ppl else [])
     rows = [head]
     for m in methods:
         mine = {(c["task"], c["length"]): c for c in cells if c["method"] == m}
@@ -123,7 +126,9 @@ def format_table(result: dict) -> str:
             c = mine.get(col)
             row.append(f"{c['correct']}/{c['answers']} [{c['ci95'][0]:.2f},{c['ci95'][1]:.2f}]" if c else "-")
         if ppl:
-            row.append(f"{ppl[m]['ppl']:.3f}" if m in ppl and ppl[m]["ppl"] is not None else "-")
+            q = ppl.get(m) or {}
+            d = f" ({q['delta_pct']:+.1f}% [{q['delta_ci95'][0]:+.1f},{q['delta_ci95'][1]:+.1f}])" if "delta_pct" in q else ""
+            row.append(f"{q['ppl']:.3f}{d}" if q.get("ppl") is not None else "-")
         rows.append(row)
     w = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
