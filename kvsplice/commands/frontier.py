@@ -10,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+from kvsplice.commands.common import add_device_args, load_model_for
 from kvsplice.errors import KVSpliceError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "frontier.toml"
@@ -25,6 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH.png", default=None, help="write the PNG here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides the config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_args(p, dtype_default=None)
     p.add_argument("--suite", choices=("quick", "full"), default=None,
                    help="the evidence suite (configs/suite-<name>.toml): every domain, CIs, KL, top-1, honest bytes")
     p.add_argument("--suite-config", metavar="PATH", default=None, help="a suite config TOML instead of --suite's")
@@ -98,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    result = run_frontier(cfg, log=log, progress=not args.quiet)
+    if args.dtype is not None:
+        cfg.dtype = args.dtype
+    model, tokenizer = load_model_for(argparse.Namespace(model=cfg.model, device=args.device, dtype=cfg.dtype))
+    result = run_frontier(cfg, model=model, tokenizer=tokenizer, log=log, progress=not args.quiet)
     p = cfg.protocol
     print(f"{result['model']}: prefill-continue, prefill {p.prefill} + {p.continue_tokens} scored tokens x {p.segments} segments; "
           f"baseline ppl {result['baseline_ppl']:.3f}  (* = Pareto within its method, G = Pareto over all methods)")
