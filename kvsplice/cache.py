@@ -44,7 +44,9 @@ from kvsplice.errors import GeometryError, KVSpliceError, ModelError
 from kvsplice.pruning import VOnlyPruner, attention_mass
 from kvsplice.rows import LayerCodec, TokenIndex, _Rows
 
-__all__ = ["BatchMapMixin", "CacheFactory", "CacheMemory", "CompressedCache", "CompressedLayer", "LayerCodec", "model_layout"]
+__all__ = [
+    "BatchMapMixin", "CacheFactory", "CacheMemory", "CompressedCache", "CompressedLayer", "LayerCodec", "model_layout",
+]
 
 STRATEGIES = ("A", "B")
 

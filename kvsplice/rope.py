@@ -47,7 +47,9 @@ class RotaryLookup:
         rope_type = getattr(module, "rope_type", "default")
         rope_type = rope_type.get(layer_type, "default") if isinstance(rope_type, dict) else rope_type
         if "dynamic" in str(rope_type):
-            raise ModelError(f"rotary type {rope_type!r} changes with the sequence length; pre-RoPE K codecs need a fixed one")
+            raise ModelError(
+                f"rotary type {rope_type!r} changes with the sequence length; pre-RoPE K codecs need a fixed one"
+            )
         self.module, self.layer_type = module, layer_type
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -59,7 +61,9 @@ class RotaryLookup:
             cos, sin = self.module(*args)
         return cos.float(), sin.float()
 
-    def __call__(self, positions: torch.Tensor, span: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, positions: torch.Tensor, span: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> cos, sin (B, T, D) float32. span: (min, max) of the positions when the
         caller knows them (a cache tracks them on the host, sparing two device syncs per read)."""
         positions = positions.long()

@@ -135,7 +135,8 @@ class TokenIndex:
                 or position_ids.shape[0] not in (1, B):
             found = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
             raise ModelError(
-                f"this cache (sink / pre-RoPE K codec) needs the token positions: position_ids of shape (1 or {B}, {q}) "
+                f"this cache (sink / pre-RoPE K codec) needs the token positions: position_ids of shape "
+                f"(1 or {B}, {q}) "
                 f"in the kwargs the attention passes to cache.update; found {found}"
             )
         pos = position_ids.to(device=device, dtype=torch.long).expand(B, q)

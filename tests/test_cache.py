@@ -404,7 +404,8 @@ def test_left_padded_batch_with_k_codec_equals_each_prompt_alone():
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                            cache=CompressedCache(L, v, k, sink=1))
     for i, p in enumerate(PROMPTS):
-        alone = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, cache=CompressedCache(L, v, k, sink=1))
+        alone = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
+                               cache=CompressedCache(L, v, k, sink=1))
         assert batch[i, -8:].tolist() == alone[0, -8:].tolist()
 
 
@@ -434,8 +435,8 @@ def test_identity_k_path_left_padded_equals_dynamic_cache_logits():
     pos = generate_positions(mask)
     steps = torch.tensor([[11, 12, 13], [21, 22, 23]])
     logits = {}
-    for name, cache in (("ref", DynamicCache(config=model.config)),
-                        ("got", CompressedCache(L, identity_codecs(model), pre_rope(model, identity_codecs(model)), sink=1))):
+    compressed = CompressedCache(L, identity_codecs(model), pre_rope(model, identity_codecs(model)), sink=1)
+    for name, cache in (("ref", DynamicCache(config=model.config)), ("got", compressed)):
         with torch.no_grad():
             out = [model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits]
             for j in range(3):
