@@ -178,3 +178,19 @@ def test_cli_end_to_end(tmp_path):
         assert c["answers"] == len(c["outputs"]) and 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1
     assert [p["method"] for p in d["ppl"]["points"]] == ["baseline", "pca-q-2", "h2o-2", "streamingllm-4"]
     assert png.stat().st_size > 1000
+
+
+def test_paired_ppl_deltas():
+    base = [float(i % 7) for i in range(64)]
+    result = {"ppl": {"points": [{"method": "baseline", "token_nll": base},
+                                 {"method": "worse", "token_nll": [x + 0.1 for x in base]},
+                                 {"method": "noisy", "token_nll": [x + (0.2 if i % 2 else 0.0) for i, x in enumerate(base)]}]}}
+    longctx_run.add_ppl_deltas(result)
+    b, w, n = result["ppl"]["points"]
+    assert b["delta_pct"] == 0.0 and b["delta_ci95"] == [0.0, 0.0]
+    expected = 100 * (torch.tensor(0.1).exp().item() - 1)  # a constant NLL shift: exact, zero-width interval
+    assert abs(w["delta_pct"] - expected) < 1e-4 and all(abs(c - expected) < 1e-4 for c in w["delta_ci95"])
+    assert n["delta_ci95"][0] <= n["delta_pct"] <= n["delta_ci95"][1]
+    result["ppl"]["points"].append({"method": "short", "token_nll": base[:10]})
+    with pytest.raises(LongCtxError, match="scored"):
+        longctx_run.add_ppl_deltas(result)

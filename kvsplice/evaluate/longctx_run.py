@@ -143,6 +143,27 @@ def ppl_after_prefill(model: Any, stream: torch.Tensor, make: Callable[[], Any],
             "token_nll": [round(float(x), 4) for x in nll]}
 
 
+def add_ppl_deltas(result: dict[str, Any], block: int = 16, resamples: int = 2000, seed: int = 0) -> None:
+    """Give every perplexity point "delta_pct" = 100 (ppl / baseline ppl - 1) and a PAIRED 95 % block
+    bootstrap interval of it (the same resampled blocks of contiguous scored tokens for both, so the
+    text's difficulty cancels); in place. No-op without a baseline point."""
+    pts = (result.get("ppl") or {}).get("points") or []
+    base = next((p for p in pts if p["method"] == "baseline"), None)
+    if base is None:
+        return
+    b = torch.tensor(base["token_nll"], dtype=torch.float64)
+    nb = max(b.numel() // block, 1)
+    idx = torch.randint(0, nb, (resamples, nb), generator=torch.Generator().manual_seed(seed))
+    for p in pts:
+        x = torch.tensor(p["token_nll"], dtype=torch.float64)
+        if x.numel() != b.numel():
+            raise LongCtxError(f"ppl point {p['method']} scored {x.numel()} tokens, the baseline {b.numel()}")
+        d = (x - b)[: nb * block].view(nb, -1).mean(dim=1)  # per-block mean NLL difference
+        lo, hi = torch.quantile(d[idx].mean(dim=1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        p["delta_pct"] = 100.0 * (math.exp(float((x - b).mean())) - 1.0)
+        p["delta_ci95"] = [100.0 * (math.exp(lo) - 1.0), 100.0 * (math.exp(hi) - 1.0)]
+
+
 def write_result(path: str | Path, result: dict[str, Any]) -> None:
     """Atomic JSON rewrite (non-finite floats as null)."""
     from kvsplice.evaluate.report import _atomic_write_bytes, _finite
@@ -208,6 +229,7 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     def save() -> None:
         result["run"] = {"seconds": round(time.perf_counter() - t_start, 1), "values_per_token": vpt,
                          "threads": torch.get_num_threads()}
+        add_ppl_deltas(result)
         if out is not None:
             write_result(out, result)
 
