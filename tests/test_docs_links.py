@@ -1,4 +1,4 @@
-"""Every relative link and image in README.md and docs/*.md points to a file that is in the
+"""Every relative link and image in README.md and docs/**/*.md points to a file that is in the
 repository (tracked by git, or at least present when git is unavailable) and is not git-ignored:
 a result the README cites must be committed, not only lying on the author's disk."""
 
@@ -20,7 +20,7 @@ _INLINE_CODE = re.compile(r"`[^`\n]*`")
 
 
 def docs() -> list[Path]:
-    return [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if p.is_file()]
+    return [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))] if p.is_file()]
 
 
 def relative_links(md: Path) -> list[str]:
