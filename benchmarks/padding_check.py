@@ -5,7 +5,8 @@ in a padded batch, and the bf16 pre-RoPE K round trip. Prints one JSON object.
 
 (1) calibrates pca-q 4-bit joint-head V and K geometries on a slice of the calibration text, then
     greedy-generates two prompts of different lengths left-padded in one batch and each alone
-    (CompressedCache sink=1): the continuations must match. (2) bf16 model, identity K codec through
+    (CompressedCache sink=1): the continuations must match; and the teacher-forced NLL of 192 tokens
+    alone and left-padded by 64 (DynamicCache beside them). (2) bf16 model, identity K codec through
     the pre-RoPE path: max |logit difference| against DynamicCache.
 """
 
@@ -50,6 +51,25 @@ def main() -> None:
     rows = [{"prompt": p, "padded": tok.decode(padded[i]), "alone": tok.decode(alone[i]),
              "identical": padded[i].tolist() == alone[i].tolist()} for i, p in enumerate(prompts)]
 
+    # teacher-forced NLL of 192 real tokens, alone and left-padded by 64 beside a full-length row
+    ids = tok(text[-20000:], return_tensors="pt").input_ids[:, :448]
+    real, other = ids[:, :192], ids[:, 192:448]
+    pad = torch.full((1, 64), tok.pad_token_id or 0)
+    batch_ids = torch.cat([torch.cat([pad, real], 1), other], 0)
+    mask = torch.cat([torch.cat([torch.zeros(1, 64), torch.ones(1, 192)], 1), torch.ones(1, 256)], 0).long()
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def nll(logits: torch.Tensor, target: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), target[0, 1:]))
+
+    with torch.no_grad():
+        nll_alone = nll(model(real, cache=make(), use_cache=True).logits, real)
+        out = model(batch_ids, attention_mask=mask, position_ids=pos, cache=make(), use_cache=True).logits
+        nll_padded = nll(out[:1, 64:], real)
+        nll_dynamic = nll(model(real, cache=DynamicCache(config=model.config), use_cache=True).logits, real)
+    teacher = {"tokens": 192, "pad": 64, "nll_dynamic_cache": nll_dynamic, "nll_alone": nll_alone,
+               "nll_left_padded": nll_padded}
+
     model16 = model.to(torch.bfloat16)
     L, H, D = model_layout(model16)
     ident = LayerCodec([get_codec("identity").fit(torch.zeros(1, D))] * H)
@@ -58,7 +78,7 @@ def main() -> None:
     with torch.no_grad():
         ref = model16(ids, cache=DynamicCache(config=model16.config), use_cache=True).logits.float()
         got = model16(ids, cache=CompressedCache(L, k_codecs=k), use_cache=True).logits.float()
-    result = {"model": "smollm2-135m", "left_padded_vs_alone": rows,
+    result = {"model": "smollm2-135m", "left_padded_vs_alone": rows, "teacher_forced_nll": teacher,
               "bf16_identity_k_max_abs_logit_diff": float((got - ref).abs().max())}
     out = json.dumps(result, indent=1)
     print(out)
