@@ -77,6 +77,24 @@ PRESETS: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {
 }
 
 
+def table(res: dict[str, Any]) -> str:
+    """Markdown: one row per (method, calibration corpus), one column per evaluation domain:
+    Δ% [95 % CI] (in-domain cells in bold), and the payload bits/value."""
+    doms = list(res["domains"])
+    rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for c in res["cells"].values():
+        if c["method"] != "baseline":
+            rows.setdefault((c["method"], c["cal"] or "-"), {})[c["eval"]] = c
+    base = " | ".join(f"{d} ({res['cells'][f'baseline|{d}']['ppl']:.2f})" for d in doms if f"baseline|{d}" in res["cells"])
+    out = [f"| method | calibrated on | bits/value | {base} |", "|---|---|---|" + "---|" * len(doms)]
+    for (m, cal), cells in rows.items():
+        bits = next(iter(cells.values()))["bits_per_value"]
+        f = lambda d: "" if d not in cells else (  # noqa: E731
+            ("**{:+.2f}** [{:+.2f}, {:+.2f}]" if d == cal else "{:+.2f} [{:+.2f}, {:+.2f}]").format(cells[d]["delta_pct"], *cells[d]["ci95"]))
+        out.append(f"| {m} | {cal} | {bits:.2f} | " + " | ".join(f(d) for d in doms) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -87,7 +105,19 @@ def main(argv: list[str] | None = None) -> None:
                     help='extra method as JSON: ["label", calibrated(bool), {setting}]')
     ap.add_argument("--cal", nargs="+", default=["docs", "code", "prose", "mix"])
     ap.add_argument("--eval", nargs="+", default=list(DOMAINS))
+    ap.add_argument("--table", nargs="*", metavar="JSON",
+                    help="print the markdown table of --out (plus these result files, same split) and exit")
     args = ap.parse_args(argv)
+    if args.table is not None:
+        res = json.loads(Path(args.out).read_text())
+        for extra in args.table:
+            more = json.loads(Path(extra).read_text())
+            if more["split"] != res["split"] or more["protocol"] != res["protocol"]:
+                raise SystemExit(f"{extra}: split/protocol differ from {args.out}; not merged")
+            res["domains"].update(more["domains"])
+            res["cells"].update(more["cells"])
+        print(table(res))
+        return
 
     from safetensors.torch import load_file, save
     from transformers import DynamicCache
@@ -148,16 +178,17 @@ def main(argv: list[str] | None = None) -> None:
         res["domains"][d] = {k: v for k, v in part_info(d, args.split).items() if k != "documents"}
         run(f"baseline|{d}", d, DynamicCache, {"method": "baseline", "cal": None})
     cals: dict[str, Any] = {}
-    for label, calibrated, s in methods:
-        for c in (args.cal if calibrated else [args.cal[0]]):
-            for d in args.eval:
-                key = f"{label}|{c if calibrated else '-'}|{d}"
-                if key in res["cells"]:
-                    continue
-                if c not in cals:
-                    cals[c] = make_calibration(c, model, tok, log)
-                make = _codec_factory(model, s, cals[c])
-                run(key, d, make, {"method": label, "cal": c if calibrated else None, "setting": s})
+    # corpus-major order: one corpus's K / V are collected once and serve every method and bit width
+    todo = [(c, label, calibrated, s) for c in args.cal for label, calibrated, s in methods if calibrated or c == args.cal[0]]
+    for c, label, calibrated, s in todo:
+        for d in args.eval:
+            key = f"{label}|{c if calibrated else '-'}|{d}"
+            if key in res["cells"]:
+                continue
+            if c not in cals:
+                cals[c] = make_calibration(c, model, tok, log)
+            make = _codec_factory(model, s, cals[c])
+            run(key, d, make, {"method": label, "cal": c if calibrated else None, "setting": s})
     res["seconds"] = round(time.perf_counter() - t0, 1)
     write()
     log("done")
