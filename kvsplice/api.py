@@ -92,18 +92,21 @@ class Recipe:
         targets = "+".join(t.upper() for t, g in (("k", self.k), ("v", self.v)) if g is not None)
         return f"{geo.codec_name}{bits}{rank}, {joint}, {targets}, sink {self.sink} (calibrated on {self.model or '?'})"
 
-    def check_model(self, model: Any) -> None:
-        """GeometryError when `model` is not the model the recipe was calibrated on (a warning
-        instead with allow_other_model); layouts are checked again by the cache."""
+    def check_model(self, model: Any) -> bool:
+        """Warn (KVSpliceWarning) when `model` is not the model the recipe was calibrated on (the same
+        rule as a plain geometry, `Geometry.check_model`); allow_other_model silences it. Layouts are
+        checked again by the cache. True when the ids match or the recipe names no model."""
+        from kvsplice.errors import KVSpliceWarning
         from kvsplice.loading import model_id
 
         found = model_id(model)
         if not self.model or found == self.model:
-            return
-        msg = f"recipe was calibrated on {self.model!r}, the model is {found!r}"
+            return True
         if not self.allow_other_model:
-            raise GeometryError(msg + "; pass allow_other_model=True (CLI: --allow-other-model) to use it anyway")
-        warnings.warn(msg, stacklevel=3)
+            warnings.warn(f"recipe was calibrated on {self.model!r}, the model is {found!r}; results may be worse "
+                          "than measured (allow_other_model=True / --allow-other-model silences this)",
+                          KVSpliceWarning, stacklevel=3)
+        return False
 
     def cache(self, model: Any, **kwargs: Any):
         """A FRESH `CompressedCache` for `model` (call once per generate: a cache holds one

@@ -18,8 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
     p.add_argument("--recipe", default=None, metavar="DIR_OR_HUB_ID",
                    help="recipe (kvsplice calibrate --out DIR, or a Hugging Face Hub repo id): one row with its K + V geometries and sink")
-    p.add_argument("--allow-other-model", action="store_true", help="a recipe calibrated on another model is refused without this flag (warned about with it); "
-                        "a --geometry / --k-geometry from another model is warned about without it (silent with it)")
+    p.add_argument("--allow-other-model", action="store_true", help="a recipe or geometry calibrated on another model is warned about; this flag silences the warning")
     p.add_argument("--geometry", nargs="*", default=[], metavar="G", help="V geometry files; one row each")
     p.add_argument("--keep-ratio", type=float, default=None,
                    help="V-only pruning keep ratio (prefill-continue only): applied to every geometry row, plus a pruning-only row")

@@ -21,8 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
     p.add_argument("--recipe", default=None, metavar="DIR_OR_HUB_ID",
                    help="recipe folder (kvsplice calibrate --out DIR) or Hugging Face Hub repo id: K + V geometries + sink")
-    p.add_argument("--allow-other-model", action="store_true", help="a recipe calibrated on another model is refused without this flag (warned about with it); "
-                        "a --geometry / --k-geometry from another model is warned about without it (silent with it)")
+    p.add_argument("--allow-other-model", action="store_true", help="a recipe or geometry calibrated on another model is warned about; this flag silences the warning")
     p.add_argument("--calib-batches", type=int, default=2,
                    help="no --recipe / --geometry / --k-geometry: calibrate the best recipe on this many 1024-token windows (default 2)")
     p.add_argument("--geometry", default=None, help="V geometry file (default: none, V stored uncompressed)")
