@@ -1,22 +1,25 @@
-"""Decode speed: tokens per second of greedy `generate()` for DynamicCache and each compressed cache,
-at contexts 512 / 1024 / 2048, measured in the same run and printed as ratios to DynamicCache.
+"""Decode speed: tokens per second of one decode step for DynamicCache, KIVI, transformers'
+QuantizedCache and our pca-q caches, at several contexts / batch sizes / thread counts, in the same run;
+with the peak extra memory of a decode step beside it.
 
-    .venv/bin/python benchmarks/decode_speed.py [--model smollm2-135m] [--new-tokens 16]
-        [--contexts 512 1024 2048] [--new-tokens 8] [--threads N] [--json results/decode_speed.json]
+    nice -n 10 .venv/bin/python benchmarks/decode_speed.py [--quick] [--reps 5]
+        [--json docs/results/decode_speed.json] [--png docs/results/decode_speed.png]
 
-Timing: a LogitsProcessor stamps the clock at every generation step; decode tokens/s =
-(new_tokens - 1) / (last stamp - first stamp), so the prefill forward (identical work for every
-cache, and dominant on CPU) is excluded. Each cache is measured once per context after one
-untimed warm-up generate at the smallest context. Ratios < 1 mean slower than DynamicCache.
-Default run: 8 new tokens per context (far fewer than a serving benchmark would use: the run is
-dominated by 10 caches x 3 prefills and must stay near 10 min on a 2-core CPU; with 16 new tokens it
-took 21 min on a machine shared with other jobs). Ratios from so few steps are noisy (+-30 % seen
-between neighbouring contexts); they are CPU numbers of a Python cache that decodes every stored
-row at every step, not kernel numbers.
-
-Caches: ours (pca-q / spline-pca-q joint over KV heads on K and V, calibrated here on a small
-sample), per-token int4, KIVI 2-bit, transformers QuantizedCache (quanto 2-bit, when installed),
-H2O and StreamingLLM at 20 % of the context, the seed's V-only pruning (0.382).
+Grid: contexts 512 / 2048 / 8192 at batch 1 and 8 (default), or --quick: the goal-table settings
+(batch 1 at 2048 and 8192, batch 8 at 4096); threads 1 and 2; float32; SmolLM2-135M.
+Method (prefill is not what is measured, and an 8k x 8 CPU prefill per cache would take an hour):
+  1. codecs: joint pca-q over the 3 KV heads, fitted per layer on one 2048-token forward of the
+     evaluation text (pre-RoPE K and V from k_proj / v_proj hooks, post-RoPE K from the cache);
+  2. each cache is filled with `context` synthetic rows per layer through `cache.update` (random
+     normal rows with the real K/V scale; decode time does not depend on the values), in chunks;
+  3. one untimed decode step, then `reps` timed steps (model forward of 1 token per sequence);
+     tokens/s = batch / step time; median with [min, max]; ratio = median / DynamicCache's median
+     in the same (setting, threads) block, caches interleaved rep by rep so load hits all alike.
+Memory: RSS sampled every 2 ms in a thread during the timed steps; "step_peak_mb" = peak RSS minus
+RSS before the steps (transient buffers of a step: one layer's decoded rows, logits...);
+"cache_mb" = RSS after the fill minus before it (what the cache holds). GPU: not measured.
+Caches "coded" run the "kvsplice-coded" attention (kvsplice/coded_attention.py); "reference" is
+the same codecs read by decoding every row then the model's sdpa (the path before issue 12).
 """
 
 from __future__ import annotations
@@ -24,120 +27,253 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-class _Stamps:
-    """LogitsProcessor that records the wall time of every generation step."""
-
-    def __init__(self) -> None:
-        self.t: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.t.append(time.perf_counter())
-        return scores
+QUICK = [(2048, 1), (8192, 1), (4096, 8)]
+FULL = [(c, b) for b in (1, 8) for c in (512, 2048, 8192)]
 
 
-def decode_tokens_per_s(model, ids: torch.Tensor, make_cache, new_tokens: int, prunes: bool) -> float:
-    from transformers import LogitsProcessorList
-
-    from kvsplice.attention import prepare_model
-
-    stamps = _Stamps()
-    switch = prepare_model(model) if prunes else None
-    try:
-        with torch.no_grad():
-            model.generate(ids, cache=make_cache(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           logits_processor=LogitsProcessorList([stamps]), pad_token_id=0)
-    finally:
-        if switch is not None:
-            switch.restore()
-    return (len(stamps.t) - 1) / (stamps.t[-1] - stamps.t[0])
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def build_caches(model, tokenizer, context: int, quick_calibration: dict) -> dict[str, tuple]:
-    """name -> (factory, prunes). Eviction budgets are 20 % of the context."""
+class _PeakRSS:
+    """Samples RSS every 2 ms in a thread; .peak after stop()."""
+
+    def __enter__(self) -> "_PeakRSS":
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fit_codecs(model, tokenizer, bits_list: list[float]) -> dict:
+    """{bits: {"v": [...], "k_pre": [...], "k_post": [...]}} joint pca-q LayerCodecs per layer."""
+    from transformers import DynamicCache
+
+    from kvsplice.cache import LayerCodec, model_layout
+    from kvsplice.codecs import get_codec
+    from kvsplice.data import evaluation_text, tokenize
+    from kvsplice.kcodec import PreRopeLayerCodec
+    from kvsplice.rope import layer_rotary
+
+    L, H, hd = model_layout(model)
+    ids = tokenize(tokenizer, evaluation_text())[:2048][None]
+    got: dict[str, list] = {"k_pre": [None] * L, "v": [None] * L}
+    hooks = []
+    for l, layer in enumerate(model.model.layers):
+        for name, key in (("k_proj", "k_pre"), ("v_proj", "v")):
+            def hook(mod, inp, out, l=l, key=key):
+                got[key][l] = out[0].detach().float()  # (T, H * hd): concatenated heads = joint vector
+            hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    for h in hooks:
+        h.remove()
+    got["k_post"] = [cache.layers[l].keys[0].transpose(0, 1).reshape(-1, H * hd).float() for l in range(L)]
+    shared: dict = {}
+    out = {}
+    for bits in bits_list:
+        fit = lambda x: LayerCodec([get_codec("pca-q", bits=bits).fit(x)], joint=True, num_heads=H)  # noqa: E731
+        out[bits] = {"v": [fit(x) for x in got["v"]], "k_post": [fit(x) for x in got["k_post"]],
+                     "k_pre": [PreRopeLayerCodec(fit(x), layer_rotary(model, l, shared)) for l, x in enumerate(got["k_pre"])]}
+    scale = {"k": float(torch.cat(got["k_post"]).std()), "v": float(torch.cat(got["v"]).std())}
+    return out, scale
+
+
+def cache_makers(model, codecs: dict, quick: bool) -> dict:
+    """name -> (factory, coded: bool)."""
     from transformers import DynamicCache
 
     from kvsplice.cache import CompressedCache, model_layout
-    from kvsplice.evaluate.frontier import FrontierConfig
-    from kvsplice.evaluate.frontier import _Calibration, _codec_factory
     from kvsplice.peers import get_peer
-    from kvsplice.pruning import VOnlyPruner
 
-    layers = model_layout(model)[0]
-    cal = quick_calibration.setdefault("cal", _Calibration(FrontierConfig(calibration=quick_calibration["cfg"]), model,
-                                                            tokenizer, lambda m: print(m, file=sys.stderr), False))
-    caches = {"DynamicCache": (DynamicCache, False)}
-    for codec, bits in (("pca-q", 4.0), ("pca-q", 2.0), ("spline-pca-q", 2.0)):
-        s = {"codec": codec, "target": "kv", "joint_heads": True, "bits": bits}
-        caches[f"{codec} {bits:g}-bit K+V joint"] = (_codec_factory(model, s, cal), False)
-    caches["uniform int4 K+V"] = (get_peer("uniform-int", bits=4).cache_factory(model), False)
-    caches["kivi 2-bit g32 R32"] = (get_peer("kivi", bits=2).cache_factory(model), False)
+    L = model_layout(model)[0]
+    makers = {"DynamicCache": (DynamicCache, False), "KIVI 2-bit": (get_peer("kivi", bits=2).cache_factory(model), False)}
     try:
-        caches["hf quanto 2-bit"] = (get_peer("hf-quantized", backend="quanto", bits=2, residual=32).cache_factory(model), False)
-    except Exception as e:  # backend missing
+        makers["QuantizedCache quanto 2-bit"] = (get_peer("hf-quantized", backend="quanto", bits=2, residual=32).cache_factory(model), False)
+    except Exception as e:  # noqa: BLE001 - backend missing: say so in the output
         print(f"skipping transformers QuantizedCache: {type(e).__name__}: {e}", file=sys.stderr)
-    keep = max(1, context // 5)
-    caches["h2o 20%"] = (get_peer("h2o", keep_ratio=0.2, recent=keep // 2).cache_factory(model), True)
-    caches["streamingllm 20%"] = (get_peer("streamingllm", sinks=4, window=keep - 4).cache_factory(model), True)
-    caches["seed V-only pruning 0.382"] = (lambda: CompressedCache(layers, pruner=VOnlyPruner()), True)
-    return caches
+    for bits, c in codecs.items():
+        mk = lambda k, v=c["v"]: (lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=1))  # noqa: E731
+        makers[f"pca-q {bits:g}-bit sink=1 coded, K after RoPE"] = (mk(c["k_post"]), True)
+        if bits == 4.0 or not quick:
+            makers[f"pca-q {bits:g}-bit sink=1 coded V, K before RoPE"] = (mk(c["k_pre"]), True)
+            makers[f"pca-q {bits:g}-bit sink=1 reference (decode + sdpa), K before RoPE"] = (mk(c["k_pre"]), False)
+    return makers
+
+
+def fill(model, cache, context: int, batch: int, scale: dict, chunk: int = 512) -> None:
+    from kvsplice.cache import model_layout
+
+    L, H, hd = model_layout(model)
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
+        pos = torch.arange(start, start + n)[None].expand(batch, n)
+        for l in range(L):
+            k = torch.randn(batch, H, n, hd, generator=g) * scale["k"]
+            v = torch.randn(batch, H, n, hd, generator=g) * scale["v"]
+            cache.update(k, v, l, kwargs={"position_ids": pos})
+
+
+def run_block(model, makers: dict, context: int, batch: int, reps: int, scale: dict) -> dict:
+    from kvsplice.coded_attention import coded_attention
+
+    caches, base = {}, {}
+    for name, (make, coded) in makers.items():
+        r0 = _rss_mb()
+        caches[name] = make()
+        fill(model, caches[name], context, batch, scale)
+        base[name] = {"cache_mb": _rss_mb() - r0}
+        _log(f"filled {name}: {context} x {batch}")
+    tok = torch.full((batch, 1), 42)
+    times: dict[str, list[float]] = {n: [] for n in makers}
+    peaks: dict[str, float] = {n: 0.0 for n in makers}
+
+    def step(name: str, i: int) -> float:
+        coded = makers[name][1]
+        switch = coded_attention(model, caches[name]) if coded else None
+        try:
+            pos = torch.full((batch, 1), context + i)
+            t0 = time.perf_counter()
+            model(tok, past_key_values=caches[name], position_ids=pos, use_cache=True)
+            return time.perf_counter() - t0
+        finally:
+            if switch is not None:
+                switch.restore()
+
+    with torch.no_grad():
+        for name in makers:
+            step(name, 0)  # warm-up
+        for i in range(1, reps + 1):  # interleaved: every cache sees the same load, rep by rep
+            for name in makers:
+                r0 = _rss_mb()
+                with _PeakRSS() as m:
+                    times[name].append(step(name, i))
+                peaks[name] = max(peaks[name], m.peak - r0)
+    out = {}
+    for name, t in times.items():
+        tps = [batch / x for x in t]
+        out[name] = {"tokens_per_s": statistics.median(tps), "min": min(tps), "max": max(tps),
+                     "step_peak_mb": round(peaks[name], 1), **base[name]}
+    dyn = out["DynamicCache"]["tokens_per_s"]
+    for r in out.values():
+        r["ratio_to_dynamic"] = r["tokens_per_s"] / dyn
+    del caches
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = list(result["blocks"])
+    names = list(result["blocks"][blocks[0]])
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(blocks)), 5))
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ys = [result["blocks"][b][n]["ratio_to_dynamic"] for b in blocks]
+        ax.bar([j + i * w for j in range(len(blocks))], ys, w, label=n)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(blocks))], blocks, rotation=20, fontsize=8)
+    ax.set_ylabel("decode tokens/s / DynamicCache (same run)")
+    ax.set_title(f"decode speed, {result['model']}, float32 CPU (shared machine; ratios only)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, 0o644)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048])
-    ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default="results/decode_speed.json")
+    ap.add_argument("--quick", action="store_true", help="only the goal-table settings")
+    ap.add_argument("--settings", default=None, help="override: CONTEXTxBATCH,... e.g. 512x1,2048x8")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--bits", type=float, nargs="+", default=[4.0, 2.0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default="docs/results/decode_speed.json")
+    ap.add_argument("--png", default="docs/results/decode_speed.png")
     args = ap.parse_args(argv)
-    if args.new_tokens < 2 or any(c < 8 for c in args.contexts):
-        ap.error("--new-tokens must be >= 2 and contexts >= 8")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from kvsplice.data import evaluation_text, tokenize
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
+        # glibc raises its mmap threshold after frees, so freed buffers stay in the heap and RSS hides
+        # them; a fixed threshold makes every large tensor an mmap, so RSS follows allocation and free
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    if args.reps < 5:
+        ap.error("--reps must be >= 5 (median with spread)")
+    settings = QUICK if args.quick else FULL
+    if args.settings:
+        settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
     from kvsplice.loading import load_model, model_id
 
     t0 = time.perf_counter()
+    torch.set_num_threads(min(args.threads))  # fitting: never more threads than measured with
     model, tokenizer = load_model(args.model)
-    ids_all = tokenize(tokenizer, evaluation_text())
-    calib = {"cfg": {"samples": 6000, "max_batches": 2, "seq_len": 1024, "epochs": 2}}
-    table: dict[str, dict[str, float]] = {}
-    for ctx in args.contexts:
-        ids = ids_all[:ctx][None]
-        caches = build_caches(model, tokenizer, ctx, calib)
-        if not table:  # warm-up (allocator, lazy imports, quanto extension)
-            for make, prunes in caches.values():
-                decode_tokens_per_s(model, ids[:, :64], make, 2, prunes)
-        for name, (make, prunes) in caches.items():
-            tps = decode_tokens_per_s(model, ids, make, args.new_tokens, prunes)
-            table.setdefault(name, {})[str(ctx)] = tps
-            print(f"context {ctx}: {name}: {tps:.2f} tokens/s", file=sys.stderr, flush=True)
-    ratios = {n: {c: v / table["DynamicCache"][c] for c, v in row.items()} for n, row in table.items()}
-    head = f"{'cache':34s}" + "".join(f"{'ctx ' + str(c):>12s}" for c in args.contexts)
-    print(f"decode tokens/s relative to DynamicCache ({model_id(model)}, {args.new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads; DynamicCache absolute: "
-          + ", ".join(f"{table['DynamicCache'][str(c)]:.1f} tok/s @ {c}" for c in args.contexts) + ")")
-    print(head)
-    for n, row in ratios.items():
-        print(f"{n:34s}" + "".join(f"{row[str(c)]:12.2f}" for c in args.contexts))
-    out = {"model": model_id(model), "tokens_per_s": table, "ratio_to_dynamic": ratios,
-           "config": {"contexts": args.contexts, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-                      "calibration": calib["cfg"], "timing": "decode steps only (prefill excluded)"},
-           "seconds": round(time.perf_counter() - t0, 1)}
+    model.float()
+    codecs, scale = fit_codecs(model, tokenizer, args.bits)
+    _log("codecs fitted")
+    makers = cache_makers(model, codecs, args.quick)
+    result = {"model": model_id(model), "dtype": "float32", "gpu": "not measured (no GPU lent)",
+              "config": {"settings": settings, "threads": args.threads, "reps": args.reps, "bits": args.bits,
+                         "quick": args.quick, "fill": "synthetic rows via cache.update", "timing": "one decode step per rep"},
+              "load_avg_start": os.getloadavg(), "blocks": {}}
     path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for context, batch in settings:
+            key = f"ctx {context} batch {batch} threads {threads}"
+            res = run_block(model, makers, context, batch, args.reps, scale)
+            result["blocks"][key] = res
+            result["load_avg_end"], result["seconds"] = os.getloadavg(), round(time.perf_counter() - t0, 1)
+            _write_json(result, path)  # partial results survive an interrupted run
+            print(f"\n{key} (load {os.getloadavg()[0]:.1f})", flush=True)
+            for n, r in res.items():
+                print(f"  {n:58s} {r['tokens_per_s']:8.2f} tok/s [{r['min']:.2f}, {r['max']:.2f}]  "
+                      f"x{r['ratio_to_dynamic']:.2f}  step peak +{r['step_peak_mb']:.0f} MB  cache {r['cache_mb']:.0f} MB",
+                      flush=True)
+            if args.png:
+                plot(result, Path(args.png))
     print(f"JSON -> {path}")
     return 0
 

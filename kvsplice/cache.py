@@ -40,6 +40,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsplice.cache_factory import CacheFactory
+from kvsplice.coded_attention import coded_rows
 from kvsplice.errors import GeometryError, KVSpliceError, ModelError
 from kvsplice.pruning import VOnlyPruner, attention_mass
 from kvsplice.rows import LayerCodec, TokenIndex, _Rows
@@ -69,6 +70,7 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
     """One layer of a `CompressedCache`. Lazily initialised from the first K/V it sees."""
 
     is_sliding = False
+    coded = False  # True: update returns CodedRows for the "kvsplice-coded" attention (kvsplice/coded_attention.py)
 
     def __init__(
         self,
@@ -147,6 +149,8 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         self.k_rows.push(key_states, encode_now, assign)
         self.v_rows.push(value_states, encode_now, assign)
         self.length += q
+        if self.coded:  # the attention reads the payloads itself, without decoding them
+            return coded_rows(self.k_rows), coded_rows(self.v_rows)
         return self.k_rows.read(), self.v_rows.read()
 
     def observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:

@@ -247,6 +247,8 @@ class coded_attention:  # noqa: N801 - used as a context manager, like torch.no_
 
         if not isinstance(cache, CompressedCache):
             raise KVSpliceError(f"{NAME} attention needs a CompressedCache, got {type(cache).__name__}")
+        if not all(hasattr(type(layer), "coded") for layer in cache.layers):  # else it would decode silently
+            raise KVSpliceError(f"{NAME} attention: this CompressedCache's layers have no coded read (CompressedLayer.coded)")
         register_coded_attention()
         self.model, self.cache, self.previous = model, cache, model.config._attn_implementation
         model.set_attn_implementation(NAME)

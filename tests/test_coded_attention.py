@@ -1,0 +1,141 @@
+"""The coded-domain attention ("kvsplice-coded", kvsplice/coded_attention.py) equals the reference
+(decode every row, then the model's own attention) on tiny random models: pca-q per head and joint,
+with and without sink, K coded after RoPE (coded scores) and before RoPE (decoded K), GQA, batching
+with left padding; and the affine decode equals the codec's reference decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from kvsplice.cache import CompressedCache, LayerCodec
+from kvsplice.codecs import get_codec
+from kvsplice.coded_attention import affine_groups, coded_attention
+from kvsplice.errors import KVSpliceError
+from kvsplice.pruning import VOnlyPruner
+
+L, H, D = 2, 2, 8  # tiny llama: 2 layers, 2 KV heads (4 query heads: GQA groups of 2), head_dim 8
+
+
+def _data(n: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g) * torch.linspace(0.2, 2.0, dim)  # anisotropic: uneven bit widths
+
+
+def _codecs(joint: bool, bits: float, seed: int, name: str = "pca-q", **params) -> list[LayerCodec]:
+    if joint:
+        return [LayerCodec([get_codec(name, bits=bits, **params).fit(_data(400, H * D, seed + l))], joint=True, num_heads=H)
+                for l in range(L)]
+    return [LayerCodec([get_codec(name, bits=bits, **params).fit(_data(300, D, seed + 10 * l + h)) for h in range(H)])
+            for l in range(L)]
+
+
+def _pre_rope(model, codecs):
+    from kvsplice.kcodec import PreRopeLayerCodec, find_rotary
+
+    return [PreRopeLayerCodec(c, find_rotary(model)) for c in codecs]
+
+
+def _left_padded():
+    prompts = [[5, 17, 99, 23, 42, 8, 61, 77, 150, 12, 31, 64], [120, 7, 33, 81, 9, 140, 55], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
+def _scores(model, make_cache, coded: bool):
+    """Greedy generate over a left-padded batch; per-step logits (steps, B, vocab)."""
+    ids, mask = _left_padded()
+    cache = make_cache()
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        if coded:
+            with coded_attention(model, cache):
+                out = model.generate(ids, cache=cache, **kwargs)
+        else:
+            out = model.generate(ids, cache=cache, **kwargs)
+    return torch.stack(out.logits), out.sequences
+
+
+@pytest.mark.parametrize("bits", [4.0, 2.0])
+@pytest.mark.parametrize("scale", ["gain", "static"])
+@pytest.mark.parametrize("metric", [False, True])
+def test_affine_decode_equals_reference_decode(bits, scale, metric):
+    codec = get_codec("pca-q", bits=bits, scale=scale)
+    x = _data(500, 16, 3)
+    M = None
+    if metric:
+        W = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+        M = W.T @ W + 0.1 * torch.eye(16)
+    codec.fit(x, metric=M)
+    payload = codec.encode(_data(37, 16, 4).reshape(37, 16))
+    ref = codec.decompress(codec._coefficients(payload))  # the decode before issue 12
+    assert codec.affine_form() is not None
+    torch.testing.assert_close(codec.decode(payload), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_warped_codec_has_no_affine_form_and_keeps_the_decode_path():
+    codec = get_codec("bennett-pca-q", bits=4.0).fit(_data(400, 16, 0))
+    assert codec.affine_form() is None
+    assert affine_groups(LayerCodec([codec])) is None
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("sink", [0, 1, 2])
+@pytest.mark.parametrize("k_mode", ["post-rope", "pre-rope", "raw"])
+def test_coded_attention_equals_reference(joint, sink, k_mode):
+    model = make_tiny_llama()
+    v = _codecs(joint, 4.0, seed=0)
+    if k_mode == "post-rope":
+        k = _codecs(joint, 4.0, seed=100)
+    elif k_mode == "pre-rope":
+        k = _pre_rope(model, _codecs(joint, 4.0, seed=100))
+    else:
+        k = None
+    make = lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=sink)  # noqa: E731
+    ref, ref_seq = _scores(model, make, coded=False)
+    fast, fast_seq = _scores(model, make, coded=True)
+    assert model.config._attn_implementation != "kvsplice-coded"  # restored
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast_seq, ref_seq)
+
+
+def test_coded_attention_2bit_with_window_and_warp_fallback():
+    """A raw window and a warped (non-affine) K codec: exact rows and decoded K mix with coded V."""
+    model = make_tiny_llama()
+    v = _codecs(True, 2.0, seed=5)
+    k = _codecs(False, 4.0, seed=7, name="bennett-pca-q")
+    make = lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=1, window=3)  # noqa: E731
+    ref, _ = _scores(model, make, coded=False)
+    fast, _ = _scores(model, make, coded=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_coded_attention_never_decodes_v(monkeypatch):
+    """The float V rows are never materialised: V's decode is not called on the coded path."""
+    model = make_tiny_llama()
+    v, k = _codecs(True, 4.0, seed=0), _codecs(True, 4.0, seed=1)
+    cache = CompressedCache(L, v_codecs=v, k_codecs=k, sink=1)
+    calls = []
+    real = LayerCodec.decode
+    monkeypatch.setattr(LayerCodec, "decode", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    ids, mask = _left_padded()
+    with torch.no_grad(), coded_attention(model, cache):
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert calls == []
+
+
+def test_coded_attention_refuses_pruning_and_foreign_caches():
+    from transformers import DynamicCache
+
+    model = make_tiny_llama()
+    with pytest.raises(KVSpliceError, match="pruning"):
+        coded_attention(model, CompressedCache(L, v_codecs=_codecs(False, 4.0, 0), pruner=VOnlyPruner()))
+    with pytest.raises(KVSpliceError, match="CompressedCache"):
+        coded_attention(model, DynamicCache())
+    assert model.config._attn_implementation != "kvsplice-coded"
