@@ -1,0 +1,129 @@
+"""The storage format (kvsplice/storage.py, kvsplice/entropy.py): lossless entropy coders, pack /
+unpack of a prefilled cache to one safetensors file (bit-exact: same logits for the next tokens),
+refusals on mismatch or corruption, and the `pack` / `unpack` / `generate --prompt-cache` CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kvsplice
+from kvsplice import entropy
+from kvsplice.storage import StorageError, load_packed, pack, read_header, unpack
+
+TEXT = "The quick brown fox jumps over the lazy dog. A cache holds keys and values. " * 30
+
+
+def _codes(seed: int = 0, N: int = 300, K: int = 12):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(1, 9, K)
+    g = rng.normal(size=(N, K)) * (1 << w) / 6 + (1 << w) / 2  # peaked: worth entropy coding
+    return np.clip(g, 0, (1 << w) - 1).astype(np.uint8), w
+
+
+@pytest.mark.parametrize("coder", sorted(entropy.CODERS))
+def test_coders_round_trip_exactly(coder):
+    sym, w = _codes()
+    sym[:, 0] = 3 if w[0] >= 2 else 1  # a constant column
+    back = entropy.decode(coder, entropy.encode(coder, sym, w), sym.shape[0], w)
+    assert back.dtype == np.uint8 and np.array_equal(back, sym)
+
+
+def test_rans_spends_close_to_the_empirical_entropy():
+    sym, w = _codes(1, N=4000, K=8)
+    a = entropy.encode("rans", sym, w)
+    stream_bits = 16 * a["words"].size + 32 * a["state"].size
+    ideal = entropy.entropy_bits(sym, w)
+    assert ideal <= stream_bits <= ideal * 1.01 + 32 * 8 + 64
+    assert stream_bits < sym.shape[0] * w.sum()  # below the bit-packed size
+
+
+def test_rans_refuses_a_corrupted_stream():
+    sym, w = _codes(2)
+    a = entropy.encode("rans", sym, w)
+    a["words"] = a["words"].copy()
+    a["words"][len(a["words"]) // 2] ^= 0x5A5A
+    with pytest.raises(entropy.EntropyError):
+        entropy.decode("rans", a, sym.shape[0], w)
+
+
+@pytest.fixture
+def setup(tiny_llama):
+    model, tok = tiny_llama
+    recipe = kvsplice.calibrate_recipe(model, tok, TEXT, bits=3, seq_len=64, max_batches=3)
+    return model, tok, recipe
+
+
+def _prefill(model, recipe):
+    """Batch 2, left-padded (sequence 0 has 5 pads): (cache, ids, mask)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 259, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ids[0, :5] = 0
+    cache = recipe.cache(model)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    return cache, ids, mask
+
+
+def _next_logits(model, cache, mask, steps=3):
+    """Logits (2, steps, vocab) of `steps` next tokens fed one at a time through `cache`."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            tok = torch.randint(3, 259, (2, 1), generator=g)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            pos = mask.sum(-1, keepdim=True) - 1
+            out.append(model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=cache).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("coder", ["rans", "zlib"])
+def test_pack_unpack_is_bit_exact(setup, tmp_path, coder):
+    model, _, recipe = setup
+    cache, ids, mask = _prefill(model, recipe)
+    info = pack(cache, tmp_path / "p.kvs", model=model, recipe=recipe, input_ids=ids, attention_mask=mask, coder=coder)
+    stored = load_packed(tmp_path / "p.kvs", model, recipe)
+    back = stored.cache
+    assert torch.equal(stored.input_ids, ids) and torch.equal(stored.attention_mask, mask)
+    assert info["file_bytes"] == (tmp_path / "p.kvs").stat().st_size
+    for a, b in zip(cache.layers, back.layers):
+        assert a.length == b.length == 40
+        for kind in ("k_rows", "v_rows"):
+            ra, rb = getattr(a, kind), getattr(b, kind)
+            assert set(ra.payload) == set(rb.payload) == {"codes", "gain"}
+            assert all(torch.equal(ra.payload[n], rb.payload[n]) for n in ra.payload)
+            assert torch.equal(ra.head, rb.head) and torch.equal(ra.raw, rb.raw)
+    assert torch.equal(cache.tokens.sink_rows, back.tokens.sink_rows)
+    assert torch.equal(cache.tokens.positions, back.tokens.positions) and cache.tokens.span == back.tokens.span
+    assert cache.memory() == back.memory()
+    assert torch.equal(_next_logits(model, cache, mask), _next_logits(model, back, mask))
+
+
+def test_unpack_refuses_other_recipe_model_or_corruption(setup, tmp_path, byte_tokenizer):
+    from conftest import make_tiny_llama
+
+    model, tok, recipe = setup
+    cache, ids, mask = _prefill(model, recipe)
+    path = tmp_path / "p.kvs"
+    pack(cache, path, model=model, recipe=recipe, input_ids=ids, attention_mask=mask)
+    other = kvsplice.calibrate_recipe(model, tok, TEXT, bits=2, seq_len=64, max_batches=3)
+    with pytest.raises(StorageError, match="recipe"):
+        unpack(path, model, other)
+    model2 = make_tiny_llama(1)
+    model2.config.name_or_path = "another-model"  # same layout, another model id
+    with pytest.raises(StorageError, match="model"):
+        unpack(path, model2, recipe)
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # a flipped bit in the tensor data
+    bad = tmp_path / "bad.kvs"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="digest"):
+        unpack(bad, model, recipe)
+    (tmp_path / "junk.kvs").write_bytes(b"not a file")
+    with pytest.raises(StorageError):
+        read_header(tmp_path / "junk.kvs")
