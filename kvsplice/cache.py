@@ -43,10 +43,11 @@ from kvsplice.cache_factory import CacheFactory
 from kvsplice.coded_attention import coded_rows
 from kvsplice.errors import GeometryError, KVSpliceError, ModelError
 from kvsplice.pruning import VOnlyPruner, attention_mass
-from kvsplice.rows import LayerCodec, TokenIndex, _Rows
+from kvsplice.rows import LayerCodec, SlidingTokens, TokenIndex, _Rows
 
 __all__ = [
-    "BatchMapMixin", "CacheFactory", "CacheMemory", "CompressedCache", "CompressedLayer", "LayerCodec", "model_layout",
+    "BatchMapMixin", "CacheFactory", "CacheMemory", "CompressedCache", "CompressedLayer", "LayerCodec", "layer_windows",
+    "model_layout",
 ]
 
 STRATEGIES = ("A", "B")
@@ -67,9 +68,16 @@ class BatchMapMixin:
 
 
 class CompressedLayer(BatchMapMixin, CacheLayerMixin):
-    """One layer of a `CompressedCache`. Lazily initialised from the first K/V it sees."""
+    """One layer of a `CompressedCache`. Lazily initialised from the first K/V it sees.
 
-    is_sliding = False
+    sliding_window W (None: full attention): the layer behaves as transformers'
+    `DynamicSlidingWindowLayer`: after each step it holds the newest W - 1 rows (coded or raw, the
+    oldest dropped first), `update` returns those + the step's rows, and `get_mask_sizes` gives the
+    offset of the first held row, so the model's sliding mask lines up. The sink's exact copy is kept
+    while its row is held and freed when the row leaves the window: no query of a sliding layer can
+    see a row older than the window, the sink included, so keeping it would change the output.
+    """
+
     coded = False  # True: update returns CodedRows for the "kvsplice-coded" attention (kvsplice/coded_attention.py)
 
     def __init__(
@@ -82,13 +90,24 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         layer_idx: int | None = None,
         sink: int = 0,
         tokens: TokenIndex | None = None,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise KVSpliceError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+        if sliding_window is not None and pruner is not None:
+            raise KVSpliceError(
+                f"layer {layer_idx}: pruning is not supported on a sliding-window layer (window {sliding_window}); "
+                "the layer already evicts every row older than its window"
+            )
+        self.sliding_window, self.is_sliding = sliding_window, sliding_window is not None
         self.v_codec, self.k_codec, self.pruner = v_codec, k_codec, pruner
         self.window, self.strategy, self.layer_idx, self.sink = window, strategy, layer_idx, sink
         # crop keeps "as if never written": rows are coded one by one on arrival, so dropping the newest
         # rows is exact; a window (rows already spilled) or a pruner (rows already evicted) cannot undo
-        self.is_croppable = pruner is None and window == 0
+        # a sliding layer has dropped rows a crop would need back (transformers' sliding layer refuses too)
+        self.is_croppable = pruner is None and window == 0 and sliding_window is None
         position_aware = getattr(k_codec, "position_aware", False)
         self.own_tokens = tokens is None and (position_aware or sink > 0)  # a layer used on its own
         self.tokens = TokenIndex(sink, position_aware) if self.own_tokens else tokens
@@ -100,8 +119,11 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.keys = self.values = None  # not used: rows live in k_rows / v_rows
-        self.k_rows = _Rows(self.k_codec, self.window, self.sink, self.tokens)
-        self.v_rows = _Rows(self.v_codec, self.window, self.sink, self.tokens)
+        self.dropped = 0  # oldest rows dropped by the sliding window (same count for every sequence)
+        # a sliding layer reads the shared TokenIndex through a view shifted by its dropped rows
+        self.view = SlidingTokens(self.tokens) if self.is_sliding and self.tokens is not None else self.tokens
+        self.k_rows = _Rows(self.k_codec, self.window, self.sink, self.view)
+        self.v_rows = _Rows(self.v_codec, self.window, self.sink, self.view)
         if self.tokens is not None:
             self.tokens.reset()
         self.length = 0  # logical tokens per sequence
@@ -150,8 +172,26 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         self.v_rows.push(value_states, encode_now, assign)
         self.length += q
         if self.coded:  # the attention reads the payloads itself, without decoding them
-            return coded_rows(self.k_rows), coded_rows(self.v_rows)
-        return self.k_rows.read(), self.v_rows.read()
+            keys, values = coded_rows(self.k_rows), coded_rows(self.v_rows)  # hold references, not the _Rows
+        else:
+            keys, values = self.k_rows.read(), self.v_rows.read()
+        if self.is_sliding:
+            self._slide()
+        return keys, values
+
+    def _slide(self) -> None:
+        """Sliding layer, after the step's rows were read: keep the newest W - 1 rows (what the next
+        step's queries can see besides their own rows), as DynamicSlidingWindowLayer does."""
+        n = self.length - self.dropped - (self.sliding_window - 1)
+        if n <= 0:
+            return
+        self.k_rows.drop_oldest(n)  # replaces the payload / raw tensors: a CodedRows made above keeps its own
+        self.v_rows.drop_oldest(n)
+        self.dropped += n
+        if isinstance(self.view, SlidingTokens):
+            self.view.dropped = self.dropped
+            self.k_rows.release_sink()
+            self.v_rows.release_sink()
 
     def observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
         """Called by the kvsplice attention function after the step: probs (B, Hq, q, S + q) over the
@@ -176,14 +216,15 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Logical sizes: the mask is built over positions 0..L+q-1; with pruning, the kvsplice attention
-        function picks the columns of the rows held (`key_positions`), so padding and causality stay exact."""
-        return self.length + query_length, 0
+        function picks the columns of the rows held (`key_positions`), so padding and causality stay exact.
+        A sliding layer: (rows held + q, rows dropped), the (kv_length, kv_offset) of DynamicSlidingWindowLayer."""
+        return self.length - self.dropped + query_length, self.dropped
 
     def get_seq_length(self) -> int:
         return self.length
 
     def get_max_length(self) -> int:
-        return -1
+        return self.sliding_window if self.is_sliding else -1
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
@@ -200,7 +241,8 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         """Called by generate before assisted decoding / prompt lookup (they crop rejected candidates):
         refuse there, naming the mode, when this layer cannot crop."""
         if not self.is_croppable:
-            mode = f"a pruner ({type(self.pruner).__name__})" if self.pruner is not None else f"window={self.window}"
+            mode = (f"a pruner ({type(self.pruner).__name__})" if self.pruner is not None else
+                    f"window={self.window}" if self.window else f"a sliding-window layer ({self.sliding_window})")
             raise KVSpliceError(
                 f"a CompressedCache with {mode} cannot be cropped (rows already coded or evicted cannot be restored); "
                 "assisted decoding and prompt lookup need window=0 and no pruner"
@@ -238,7 +280,9 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
             "window_bytes": k_win + v_win,
             "v_window_bytes": v_win,
             "other_bytes": other,
-            "uncompressed_bytes": 2 * self.length * elem * self.num_heads * self.head_dim * self.batch_size
+            # what a (hybrid) DynamicCache holds for the same tokens: a sliding layer, its held rows only
+            "uncompressed_bytes": 2 * (self.length - self.dropped) * elem * self.num_heads * self.head_dim
+            * self.batch_size
             if self.is_initialized
             else 0,
         }
@@ -294,6 +338,30 @@ def model_layout(model: Any) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+SLIDING_TYPES = ("sliding_attention", "chunked_attention")  # DynamicCache keeps W - 1 rows for both (masks differ)
+
+
+def layer_windows(model: Any) -> list[int | None]:
+    """Per decoder layer, its sliding window (None: full attention), read from the config as
+    transformers' DynamicCache reads it (`get_layer_types_and_kwargs`: `layer_types`, else a
+    `sliding_window` set on the config). ModelError for a layer type this cache cannot hold
+    (linear attention, shared KV, ...)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    types, kwargs = get_layer_types_and_kwargs(cfg)
+    out = []
+    for l, (t, kw) in enumerate(zip(types, kwargs)):
+        if t in SLIDING_TYPES:
+            out.append(int(kw["sliding_window"]))
+        elif t == "full_attention":
+            out.append(None)
+        else:
+            raise ModelError(f"layer {l} has attention type {t!r}; CompressedCache holds 'full_attention' and "
+                             f"{' / '.join(repr(x) for x in SLIDING_TYPES)} layers only")
+    return out
+
+
 class CompressedCache(Cache):
     """KV cache with V stored as codec payloads, optional K codec, full-precision window and V-only pruning.
 
@@ -308,8 +376,15 @@ class CompressedCache(Cache):
 
     Generation modes (transformers >= 5.24 `generate`): greedy, sampling, beam search (every
     per-sequence tensor is reordered), left-padded batches, multi-turn reuse of one cache, and, when
-    `is_croppable` (window 0, no pruner), assisted decoding and prompt lookup. One cache holds one
-    conversation: for a pipeline or any repeated `generate`, use `CompressedCache.factory(...)`.
+    `is_croppable` (window 0, no pruner, no sliding layer), assisted decoding and prompt lookup. One
+    cache holds one conversation: for a pipeline or any repeated `generate`, use `CompressedCache.factory(...)`.
+
+    sliding_windows: per layer, its sliding window W or None (full attention); `from_geometry` reads it
+    from the model config (`layer_windows`: Gemma 3's 5 sliding : 1 global). A sliding layer holds at
+    most W - 1 rows after a step, compressed like any layer, and counts only what it holds in
+    `memory()` (uncompressed_bytes too: what a hybrid DynamicCache holds). The sink's exact copy is
+    freed on a sliding layer when its row leaves the window (the mask hides it from then on). Pruning
+    is refused when any layer slides; cropping (assisted decoding) is refused on sliding layers.
     """
 
     def __init__(
@@ -321,9 +396,19 @@ class CompressedCache(Cache):
         window: int = 0,
         strategy: str = "A",
         sink: int = 0,
+        sliding_windows: list[int | None] | None = None,
     ) -> None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise KVSpliceError(f"num_layers must be a positive integer, got {num_layers!r}")
+        sliding_windows = [None] * num_layers if sliding_windows is None else list(sliding_windows)
+        if len(sliding_windows) != num_layers:
+            raise KVSpliceError(f"sliding_windows must have {num_layers} entries (int or None), got {len(sliding_windows)}")
+        if pruner is not None and any(w is not None for w in sliding_windows):
+            raise KVSpliceError(
+                "a pruner cannot be combined with sliding-window layers (layers "
+                f"{[l for l, w in enumerate(sliding_windows) if w is not None]}): they already evict every row "
+                "older than their window; prune a model whose layers are all full attention"
+            )
         v_codecs = [None] * num_layers if v_codecs is None else list(v_codecs)
         k_codecs = [None] * num_layers if k_codecs is None else list(k_codecs)
         for name, cs in (("v_codecs", v_codecs), ("k_codecs", k_codecs)):
@@ -352,8 +437,8 @@ class CompressedCache(Cache):
         # one TokenIndex for all layers: every layer sees the same tokens (stored and counted once)
         self.tokens = TokenIndex(sink, position_aware) if (sink or position_aware) else None
         layers = [
-            CompressedLayer(v, k, pruner, window, strategy, i, sink, self.tokens)
-            for i, (v, k) in enumerate(zip(v_codecs, k_codecs))
+            CompressedLayer(v, k, pruner, window, strategy, i, sink, self.tokens, w)
+            for i, (v, k, w) in enumerate(zip(v_codecs, k_codecs, sliding_windows))
         ]
         super().__init__(layers=layers)
 
@@ -423,7 +508,8 @@ class CompressedCache(Cache):
                         f"the model has {num_heads} KV heads of dim {head_dim}"
                     )
             codecs[target] = per_layer
-        return cls(num_layers, codecs["v"], codecs["k"], pruner=pruner, window=window, strategy=strategy, sink=sink)
+        return cls(num_layers, codecs["v"], codecs["k"], pruner=pruner, window=window, strategy=strategy, sink=sink,
+                   sliding_windows=layer_windows(model))
 
     @property
     def teacher_forced_exact(self) -> bool:

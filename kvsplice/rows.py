@@ -9,6 +9,8 @@ Shapes: B batch, H KV heads, S rows held, D head_dim, q rows of the current step
 `TokenIndex`: what the layers of one cache share about the sequences: each row's position (for
     pre-RoPE K codecs) and the row of each sequence's first real tokens (the attention sink). Held
     once per cache and counted once (`CompressedCache.memory().index_bytes`).
+`SlidingTokens`: the TokenIndex as a sliding-window layer sees it once its oldest rows are dropped
+    (row r of the layer is token row r + dropped; a sink row that left the window is an empty slot).
 """
 
 from __future__ import annotations
@@ -182,6 +184,31 @@ class TokenIndex:
         return sum(t.nbytes for t in (self.positions, self.sink_rows) if t is not None)
 
 
+class SlidingTokens:
+    """A sliding-window layer's view of the shared TokenIndex: the layer has dropped its oldest
+    `dropped` rows (the same count for every sequence), so its row r is token row r + dropped.
+    `sink_rows` (B, sink): the layer's row of each sink slot, -1 once that row left the window (the
+    model's sliding mask no longer lets any query see it). Read by `_Rows` and by
+    kvsplice/coded_attention.py exactly as a TokenIndex."""
+
+    def __init__(self, tokens: TokenIndex) -> None:
+        self.tokens, self.dropped = tokens, 0
+
+    @property
+    def sink_rows(self) -> torch.Tensor | None:
+        r = self.tokens.sink_rows
+        if r is None or not self.dropped:
+            return r
+        return torch.where(r >= self.dropped, r - self.dropped, -1)
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        return self.tokens.span
+
+    def row_positions(self, start: int, n: int) -> torch.Tensor:
+        return self.tokens.row_positions(start + self.dropped, n)
+
+
 def _put_sink(out: torch.Tensor, head: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Write head (B, H, sink, D) into out (B, H, S, D) in place at rows (B, sink) (-1: slot empty, left
     alone). An empty slot repeats a filled slot of its sequence (same row, same value) so that no two
@@ -283,6 +310,21 @@ class _Rows:
         if self.payload is not None:
             self.payload = {k: _gather_rows(v, head) for k, v in self.payload.items()}
         self.raw = new_raw
+
+    def drop_oldest(self, n: int) -> None:
+        """Drop the oldest n rows (payload first: it holds the older rows, then raw), as a sliding-window
+        layer does when rows leave its window. The caller shifts the layer's `SlidingTokens`."""
+        P = self.num_payload  # clone: a slice would keep the dropped rows' storage alive
+        if P:
+            self.payload = {k: v[:, :, min(n, P) :].clone() for k, v in self.payload.items()}
+        if n > P:
+            self.raw = self.raw[:, :, n - P :].clone()
+
+    def release_sink(self) -> None:
+        """Free the exact sink copies once no sequence's sink row is held any more (sliding layers)."""
+        rows = self.tokens.sink_rows if self.tokens is not None else None
+        if self.head is not None and rows is not None and not bool((rows >= 0).any()):
+            self.head = None
 
     def crop(self, n: int) -> None:
         """Drop the newest n rows (raw first, then payload rows: each payload row codes one token alone)."""

@@ -159,9 +159,6 @@ def test_identity_codecs_k_and_v_equal_dynamic_cache(kind):
     torch.testing.assert_close(_feed(model, ids, cache, chunks), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="CompressedCache keeps every row on Gemma 3's sliding-window layers (issue 11 "
-                   "item 2, cache side): the logits are right (the model's sliding mask hides old rows) but memory "
-                   "grows past the window and the bytes are not those of a hybrid cache")
 def test_gemma3_sliding_layers_hold_at_most_their_window():
     model = MAKERS["gemma3_text"]()
     ad = get_adapter(model)
