@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from kvsplice.codecs.base import CODECS, get_codec
-from kvsplice.data import tokenize, windows
+from kvsplice.data import bos_id, tokenize, windows, with_bos
 from kvsplice.errors import KVSpliceError, KVSpliceWarning
 from kvsplice.models import get_adapter
 
@@ -205,7 +205,7 @@ def collect_layer_vectors(model, tokenizer, text: str, cfg: CalibrationConfig, p
     if capacity < 1:
         raise KVSpliceError(f"samples={cfg.samples} keeps no token for {H} KV heads; expected samples >= {H}")
     ids = tokenize(tokenizer, text)
-    wins = windows(ids, cfg.seq_len)
+    wins = windows(with_bos(ids, cfg.seq_len, bos_id(tokenizer)), cfg.seq_len)  # BOS first when the tokenizer adds one
     batches = [torch.stack(wins[i : i + cfg.batch_size]) for i in range(0, len(wins), cfg.batch_size)]
     if cfg.max_batches is not None:
         batches = batches[: cfg.max_batches]

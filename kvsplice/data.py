@@ -20,7 +20,9 @@ On Python 3.11.7 this gives 57 calibration topics (290,146 chars, 70,310 SmolLM2
 evaluation topics (82,956 chars, 20,510 SmolLM2 tokens), no paragraph in common.
 
 Tokenisation (`tokenize`) encodes one long stream without special tokens (no BOS): windows are
-slices of the stream, as in the seed's training / perplexity setup.
+slices of the stream, as in the seed's training / perplexity setup. A model whose tokenizer prepends
+a BOS by default (Gemma: without it, perplexity 38.5 instead of 16.1) gets one at the start of every
+window: `with_bos(ids, length, bos_id(tokenizer))`.
 """
 
 from __future__ import annotations
@@ -140,6 +142,29 @@ def tokenize(tokenizer, text: str) -> torch.LongTensor:
         raise KVSpliceError(f"tokenize expects a non-empty str, got {type(text).__name__} of length {len(text or '')}")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def bos_id(tokenizer) -> int | None:
+    """The tokenizer's BOS id when it prepends one by default (Gemma: ``tok("a").input_ids[0] == bos``),
+    else None (SmolLM2 / GPT-2 add nothing: their windows stay plain slices of the stream)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    first = tokenizer("a", verbose=False)["input_ids"]
+    return int(bos) if first and first[0] == bos else None
+
+
+def with_bos(ids: torch.Tensor, length: int, bos: int | None) -> torch.LongTensor:
+    """A stream (N,) re-cut so that every non-overlapping `length`-token window starts with `bos`:
+    [bos, t0 .. t_{length-2}, bos, t_{length-1} ..] (the text is kept whole, in order). bos None: ids
+    unchanged. The BOS row is context only: it is position 0 of its window, which no protocol scores."""
+    if bos is None:
+        return ids
+    if not isinstance(length, int) or length < 2:
+        raise KVSpliceError(f"a window with a BOS needs length >= 2, got {length!r}")
+    chunks = ids.split(length - 1)
+    head = torch.full((1,), bos, dtype=ids.dtype, device=ids.device)
+    return torch.cat([t for c in chunks for t in (head, c)])
 
 
 def windows(

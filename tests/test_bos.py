@@ -1,0 +1,86 @@
+"""BOS at the start of every evaluation / calibration window when the tokenizer adds one by default
+(Gemma: perplexity 38.5 without it, 16.1 with it); tokenizers that add none (SmolLM2, GPT-2, the
+test byte tokenizer) keep plain slices of the stream. The BOS is context only: never a target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_byte_tokenizer, make_tiny_llama
+
+from kvsplice.calibrate import CalibrationConfig, calibrate
+from kvsplice.data import bos_id, tokenize, windows, with_bos
+from kvsplice.errors import KVSpliceError
+from kvsplice.evaluate.perplexity import perplexity_teacher_forced
+from kvsplice.loading import cache_root
+
+BOS = 1
+
+
+def _bos_tokenizer():
+    """The byte tokenizer, but prepending <bos> by default, as Gemma's does."""
+    from tokenizers import processors
+
+    tok = make_byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    return tok
+
+
+def test_bos_id_only_when_the_tokenizer_adds_one():
+    assert bos_id(make_byte_tokenizer()) is None  # has a <bos> token, but does not add it
+    tok = _bos_tokenizer()
+    assert tok("a")["input_ids"][0] == BOS and bos_id(tok) == BOS
+
+
+def test_with_bos_starts_every_window_and_keeps_the_text():
+    ids = torch.arange(10, 30)  # (20,)
+    s = with_bos(ids, 8, BOS)
+    wins = windows(s, 8)
+    assert all(int(w[0]) == BOS for w in wins)
+    assert torch.equal(s[s != BOS], ids)  # the text whole, in order
+    assert with_bos(ids, 8, None) is ids  # no BOS: unchanged (SmolLM2's numbers stay as they were)
+    with pytest.raises(KVSpliceError, match="length >= 2"):
+        with_bos(ids, 1, BOS)
+
+
+def test_bos_is_never_scored():
+    model = make_tiny_llama()
+    stream = with_bos(torch.randint(3, 200, (40,), generator=torch.Generator().manual_seed(0)), 10, BOS)
+    seen = []
+
+    def scorer(logits, targets):
+        seen.append(targets)
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+    from transformers import DynamicCache
+
+    row = perplexity_teacher_forced(model, stream, lambda: DynamicCache(config=model.config), window=10, scorer=scorer)
+    assert row.tokens == 4 * 9  # 4 windows of [BOS + 9 tokens]: 9 targets each
+    assert not any(bool((t == BOS).any()) for t in seen)
+
+
+def test_calibration_windows_start_with_bos():
+    model = make_tiny_llama()
+    firsts = []
+    h = model.model.embed_tokens.register_forward_pre_hook(lambda m, a: firsts.append(a[0][:, 0].tolist()))
+    cfg = CalibrationConfig(codec="pca", rank=2, target="v", seq_len=32, max_batches=2, samples=200)
+    try:
+        calibrate(model, _bos_tokenizer(), "def add(a, b):\n    return a + b\n" * 6, cfg, progress=False)
+    finally:
+        h.remove()
+    assert firsts and all(f == BOS for batch in firsts for f in batch)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name, expected", [("smollm2-135m", None), ("gemma3-270m", 2)])
+def test_real_tokenizers(name, expected):
+    """SmolLM2's tokenizer adds no BOS (its windows, and numbers, are unchanged); Gemma's adds <bos> (2)."""
+    from transformers import AutoTokenizer
+
+    folder = cache_root() / name
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"{name} is not cached in {cache_root()} (`make setup` / `make models`)")
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert bos_id(tok) == expected
+    ids = tokenize(tok, "def f(x):\n    return x")
+    assert (with_bos(ids, 8, bos_id(tok)) is ids) == (expected is None)
