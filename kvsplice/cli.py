@@ -20,6 +20,7 @@ COMMANDS: list[str] = [
     "kvsplice.commands.ablate_train",
     "kvsplice.commands.longctx",
     "kvsplice.commands.eval", "kvsplice.commands.ablate", "kvsplice.commands.generate", "kvsplice.commands.demo", "kvsplice.commands.frontier",
+    "kvsplice.commands.pack",
 ]
 
 

@@ -127,3 +127,35 @@ def test_unpack_refuses_other_recipe_model_or_corruption(setup, tmp_path, byte_t
     (tmp_path / "junk.kvs").write_bytes(b"not a file")
     with pytest.raises(StorageError):
         read_header(tmp_path / "junk.kvs")
+
+
+def test_cli_pack_unpack_info_and_generate_with_prompt_cache(tiny_llama, tmp_path, capsys):
+    from kvsplice.cli import main
+
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "prompt.txt").write_text("The cache holds keys and values. " * 3, encoding="utf-8")
+    m = ["--model", str(tmp_path / "m"), "--device", "cpu"]
+    for name, bits in (("r", "4"), ("r2", "2")):
+        assert main(["calibrate", *m, "--data", str(tmp_path / "t.txt"), "--seq-len", "64", "--max-batches", "3",
+                     "--param", f"bits={bits}", "--quiet", "--out", str(tmp_path / name)]) == 0
+    out = tmp_path / "p.kvs"
+    assert main(["pack", *m, "--recipe", str(tmp_path / "r"), "--prompt-file", str(tmp_path / "prompt.txt"),
+                 "--out", str(out)]) == 0
+    assert "bits/value" in capsys.readouterr().err
+    assert main(["unpack", str(out), "--info"]) == 0
+    info = capsys.readouterr().out
+    assert "coder rans" in info and "prompt stored: yes, 99 tokens" in info
+    assert main(["generate", *m, "--recipe", str(tmp_path / "r"), "--prompt-cache", str(out), "--prompt", " More",
+                 "--max-new-tokens", "3", "--no-compare"]) == 0
+    assert "106 tokens held (104 prompt + generated)" in capsys.readouterr().err  # 99 stored + 5 + 2 fed back
+    # refusals: another recipe, no recipe, an output that is the input
+    assert main(["generate", *m, "--recipe", str(tmp_path / "r2"), "--prompt-cache", str(out), "--prompt", " More",
+                 "--max-new-tokens", "2", "--no-compare"]) == 2
+    assert "packed with recipe" in capsys.readouterr().err
+    assert main(["generate", *m, "--prompt-cache", str(out), "--prompt", " More", "--no-compare"]) == 2
+    assert "--prompt-cache needs --recipe" in capsys.readouterr().err
+    assert main(["pack", *m, "--recipe", str(tmp_path / "r"), "--prompt-file", str(tmp_path / "prompt.txt"),
+                 "--out", str(tmp_path / "prompt.txt")]) == 2

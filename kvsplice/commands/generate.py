@@ -33,6 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=None,
                    help="first tokens kept exact (attention sink; default: the recipe's, else 1, 0 with --keep-ratio)")
     p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="a file from `kvsplice pack` (needs the same --recipe): its prompt is reused, --prompt continues it")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-compare", action="store_true", help="skip the DynamicCache run (tokens/s comparison)")
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.recipe and (args.geometry or args.k_geometry):
         raise KVSpliceError("give --recipe or --geometry / --k-geometry, not both")
+    if args.prompt_cache and (not args.recipe or args.keep_ratio is not None or args.window or args.sink is not None or args.chat):
+        raise KVSpliceError("--prompt-cache needs --recipe (the one it was packed with) and takes no --keep-ratio / --window / --sink / --chat")
     if args.calib_batches < 1:
         raise KVSpliceError(f"--calib-batches must be >= 1, got {args.calib_batches}")
     pruner = None if args.keep_ratio is None else VOnlyPruner(keep_ratio=args.keep_ratio, recency=args.recency, k_min=args.k_min)
@@ -114,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     if ids.shape[1] == 0:
         raise KVSpliceError(f"--prompt {args.prompt!r} gives no tokens with this tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if args.prompt_cache:  # the stored prompt's cache, then --prompt's tokens after the stored ones
+        from kvsplice.commands.pack import prompt_cache_inputs
+
+        cache, ids, mask = prompt_cache_inputs(args.prompt_cache, model, recipe, tokenizer, args.prompt)
 
     def run_generate(c):
         """-> (new token ids (n,), seconds); c None = transformers' default DynamicCache."""
