@@ -245,7 +245,7 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
                     f"window={self.window}" if self.window else f"a sliding-window layer ({self.sliding_window})")
             raise KVSpliceError(
                 f"a CompressedCache with {mode} cannot be cropped (rows already coded or evicted cannot be restored); "
-                "assisted decoding and prompt lookup need window=0 and no pruner"
+                "assisted decoding and prompt lookup need window=0, no pruner and no sliding-window layer"
             )
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -150,3 +150,17 @@ def test_pruning_and_cropping_are_refused_on_sliding_layers():
     _feed(model, _ids(), cache, [8])
     with pytest.raises(KVSpliceError, match="sliding-window layer"):
         cache.crop(-1)
+
+
+def test_generate_left_padded_batch_past_the_window_equals_dynamic_cache():
+    model, ad = _gemma()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids = _ids(B=2, T=8, seed=14)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+    cache = CompressedCache.from_geometry(model, _identity_geometry(ad, "v"), _identity_geometry(ad, "k"), sink=1)
+    assert torch.equal(model.generate(ids, cache=cache, **kw), ref)
+    assert cache.layers[0].memory()["k_bytes"] == 2 * (WINDOW - 1) * ad.num_kv_heads * ad.head_dim * 4
