@@ -159,3 +159,15 @@ def test_cli_pack_unpack_info_and_generate_with_prompt_cache(tiny_llama, tmp_pat
     assert "--prompt-cache needs --recipe" in capsys.readouterr().err
     assert main(["pack", *m, "--recipe", str(tmp_path / "r"), "--prompt-file", str(tmp_path / "prompt.txt"),
                  "--out", str(tmp_path / "prompt.txt")]) == 2
+
+
+def test_v_only_recipe_round_trips_raw_k_and_empty_positions(tiny_llama, tmp_path):
+    """K stored raw (no K codec: no positions kept, a (B, 0) positions tensor), V coded at 2 bits."""
+    model, tok = tiny_llama
+    recipe = kvsplice.calibrate_recipe(model, tok, TEXT, bits=2, seq_len=64, max_batches=3, targets=("v",))
+    cache, ids, mask = _prefill(model, recipe)
+    assert cache.layers[0].k_rows.codec is None and cache.tokens.positions.shape == (2, 0)
+    pack(cache, tmp_path / "v.kvs", model=model, recipe=recipe, input_ids=ids, attention_mask=mask)
+    back = unpack(tmp_path / "v.kvs", model, recipe)
+    assert torch.equal(back.layers[1].k_rows.raw, cache.layers[1].k_rows.raw) and back.tokens.positions.shape == (2, 0)
+    assert torch.equal(_next_logits(model, cache, mask), _next_logits(model, back, mask))
