@@ -84,3 +84,31 @@ def test_real_tokenizers(name, expected):
     assert bos_id(tok) == expected
     ids = tokenize(tok, "def f(x):\n    return x")
     assert (with_bos(ids, 8, bos_id(tok)) is ids) == (expected is None)
+
+
+def test_eval_cli_puts_bos_first_in_every_window(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer, DynamicCache
+
+    from kvsplice.cli import main
+
+    model, tok = make_tiny_llama(), _bos_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "e.json"
+    argv = ["eval", "--model", str(tmp_path / "m"), "--data", str(text), "--protocol", "teacher-forced",
+            "--tf-window", "64", "--max-windows", "2", "--json", str(out)]
+    assert main(argv) == 0
+    got = json.loads(out.read_text())["rows"][0]["ppl"]
+    ids = tokenize(AutoTokenizer.from_pretrained(tmp_path / "m"), text.read_text())
+
+    def ppl(stream):
+        return perplexity_teacher_forced(model, stream, lambda: DynamicCache(config=model.config), window=64,
+                                         max_windows=2).ppl
+
+    assert got == pytest.approx(ppl(with_bos(ids, 64, BOS)), rel=1e-5)
+    assert got != pytest.approx(ppl(ids), rel=1e-5)  # the windows without BOS score differently
+    assert main(argv + ["--stride", "32"]) == 2  # overlapping windows cannot all start with BOS: refused

@@ -125,7 +125,14 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     config = {k: v for k, v in vars(args).items() if k != "func"}
     for name, make in rows_spec:
-        r = require_finite(evaluate(args.protocol, model, ids, make, name=name, **options))
+        # Gemma: <bos> first in every window / segment (context only); tokenizers that add none: unchanged
+        period = options["window"] if args.protocol == "teacher-forced" else args.prefill + args.continue_tokens + 1
+        bos = data.bos_id(tokenizer)
+        if bos is not None and options.get("stride") not in (None, period):
+            raise KVSpliceError(f"this tokenizer adds a BOS, which starts non-overlapping windows only; got --stride "
+                                f"{options['stride']} with --tf-window {period}: drop --stride")
+        stream = data.with_bos(ids, period, bos)
+        r = require_finite(evaluate(args.protocol, model, stream, make, name=name, **options))
         print(f"{name}: ppl {r.ppl:.3f} ({r.seconds:.1f} s)", file=sys.stderr)
         rows.append(r)
         if args.json:  # each finished row on disk at once: Ctrl-C / a crash loses at most the row in progress

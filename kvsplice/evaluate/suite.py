@@ -151,7 +151,7 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
     from transformers import DynamicCache
 
     from kvsplice.cache import CompressedCache, model_layout
-    from kvsplice.data import tokenize
+    from kvsplice.data import bos_id, tokenize, with_bos
     from kvsplice.loading import load_model, model_id
     from kvsplice.pruning import VOnlyPruner
     from kvsplice.texts import part_info, part_text, provenance
@@ -208,9 +208,10 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
         result["domains"][domain] = {"provenance": provenance(domain), "part": info, "tokens_available": int(ids.shape[0]), "baseline": {}}
 
         def measure(protocol: str, make: Callable[[], Any], scorer: TokenScorer, name: str) -> Any:
+            bos = bos_id(tokenizer)  # Gemma: <bos> first in every window / segment (context only); SmolLM2: none
             if protocol == TF:
-                return perplexity_teacher_forced(model, ids, make, window=cfg.tf_window, max_windows=cfg.tf_windows, name=name, scorer=scorer)
-            return perplexity_prefill_continue(model, ids, make, prefill=cfg.prefill, continue_tokens=cfg.continue_tokens, chunk=cfg.chunk,
+                return perplexity_teacher_forced(model, with_bos(ids, cfg.tf_window, bos), make, window=cfg.tf_window, max_windows=cfg.tf_windows, name=name, scorer=scorer)
+            return perplexity_prefill_continue(model, with_bos(ids, seg_len, bos), make, prefill=cfg.prefill, continue_tokens=cfg.continue_tokens, chunk=cfg.chunk,
                                                segments=cfg.segments, batch_size=cfg.batch_size, name=name, scorer=scorer)
 
         refs: dict[str, TokenScorer] = {}
