@@ -97,7 +97,8 @@ def table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="result JSON (resumed when it exists)")
+    ap.add_argument("--write-mix", metavar="TXT", help="write the 'mix' calibration text (for `kvsplice calibrate --data`) and exit")
     ap.add_argument("--split", default="dev", choices=("dev", "test"))
     ap.add_argument("--windows", type=int, default=2, help="teacher-forced windows of 1024 tokens per domain")
     ap.add_argument("--preset", action="append", default=[], help=f"method sets: {sorted(PRESETS)}")
@@ -108,6 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table", nargs="*", metavar="JSON",
                     help="print the markdown table of --out (plus these result files, same split) and exit")
     args = ap.parse_args(argv)
+    if args.write_mix:
+        from kvsplice.paths import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.write_mix), mix_text().encode("utf-8"))
+        return
+    if not args.out:
+        ap.error("--out is required")
     if args.table is not None:
         res = json.loads(Path(args.out).read_text())
         for extra in args.table:
