@@ -82,6 +82,9 @@ def _layers(cache: Any) -> list[Any]:
         if type(layer) is not CompressedLayer or not layer.is_initialized or layer.key_positions is not None:
             raise StorageError(f"layer {i}: expected an initialised CompressedLayer between steps, found "
                                f"{type(layer).__name__} (initialised: {getattr(layer, 'is_initialized', None)})")
+        if getattr(layer, "is_sliding", False) or getattr(layer, "dropped", 0):
+            raise StorageError(f"layer {i} is a sliding-window layer (window {layer.sliding_window}); the storage "
+                               "format does not hold dropped-row bookkeeping yet: pack a model without sliding layers")
     return list(cache.layers)
 
 

@@ -171,3 +171,20 @@ def test_v_only_recipe_round_trips_raw_k_and_empty_positions(tiny_llama, tmp_pat
     back = unpack(tmp_path / "v.kvs", model, recipe)
     assert torch.equal(back.layers[1].k_rows.raw, cache.layers[1].k_rows.raw) and back.tokens.positions.shape == (2, 0)
     assert torch.equal(_next_logits(model, cache, mask), _next_logits(model, back, mask))
+
+
+def test_sliding_window_layers_are_refused_not_stored_wrong(tmp_path):
+    """Gemma 3 sliding layers drop their oldest rows: the format does not hold that yet, so pack refuses."""
+    from test_model_types import MAKERS, _feed, _identity_geometry
+
+    from kvsplice.api import Recipe
+    from kvsplice.models import get_adapter
+
+    model = MAKERS["gemma3_text"]()
+    recipe = Recipe(v=_identity_geometry(get_adapter(model), "v"), sink=0)
+    cache = recipe.cache(model)
+    ids = torch.randint(3, 200, (1, 9), generator=torch.Generator().manual_seed(0))  # 9 > window 6
+    _feed(model, ids, cache, [9])
+    with pytest.raises(StorageError, match="sliding-window layer"):
+        pack(cache, tmp_path / "g.kvs", model=model, recipe=recipe, input_ids=ids)
+    assert not (tmp_path / "g.kvs").exists()
