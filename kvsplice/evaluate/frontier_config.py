@@ -11,7 +11,7 @@ parameter over a list of values (its budgets). Method kinds:
     prune  the seed's V-only pruning (VOnlyPruner; sweep keep_ratio)
     peer   a registered peer (kvsplice/peers): params = its fields; for the eviction peers the pseudo
            parameter "budget" (fraction of the prefill + continue tokens kept at the end) sets
-           h2o's keep_ratio / recent (half the budget, as H2O's heavy/recent split) and
+           h2o's heavy / recent rows (half the budget each, the published split) and
            streamingllm's window (budget * tokens - sinks)
 
 Every setting is measured with `perplexity_prefill_continue` (the only protocol that is exact for
@@ -114,8 +114,11 @@ def _make_peer(s: dict[str, Any], tokens: int) -> Any:
         b = s["budget"]
         _check(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b <= 1, f"budget must be in (0, 1], got {b!r}")
         kept = max(1, round(b * tokens))
-        if s["peer"] == "h2o":
-            params.update(keep_ratio=float(b), recent=kept // 2)
+        if s["peer"] == "h2o":  # the published fixed cache: half heavy hitters, half recent
+            from kvsplice.peers.h2o import split_budget
+
+            heavy, recent = split_budget(kept)
+            params.update(heavy=heavy, recent=recent)
         elif s["peer"] == "streamingllm":
             params["window"] = max(1, kept - params.get("sinks", 4))
         else:
@@ -168,8 +171,8 @@ def default_methods() -> list[MethodSpec]:
         _ours("pca-q", "v", [2.0, 4.0]),
         _ours("pca-q", "k", [2.0, 4.0]),
         MethodSpec("uniform-int", "peer", {"bits": [8, 4, 2]}, {"peer": "uniform-int"}),
-        MethodSpec("kivi", "peer", {"bits": [2, 4]}, {"peer": "kivi", "group": 32, "residual": 32}),
-        MethodSpec("hf-quanto", "peer", {"bits": [2, 4]}, {"peer": "hf-quantized", "backend": "quanto", "group": 64, "residual": 32}),
+        MethodSpec("kivi", "peer", {"bits": [2, 4]}, {"peer": "kivi", "group": 32, "residual": 128, "v_group": 32}),
+        MethodSpec("hf-quanto", "peer", {"bits": [2, 4]}, {"peer": "hf-quantized", "backend": "quanto", "group": 64, "residual": 128}),
         MethodSpec("h2o", "peer", {"budget": [0.1, 0.2, 0.5]}, {"peer": "h2o"}),
         MethodSpec("streamingllm", "peer", {"budget": [0.1, 0.2, 0.5]}, {"peer": "streamingllm", "sinks": 4}),
         MethodSpec("seed-vonly", "prune", {"keep_ratio": [0.2, 0.382]}),
@@ -185,8 +188,8 @@ def quick_methods() -> list[MethodSpec]:
         _ours("pca-q", "kv", [2.0, 4.0]),
         _ours("pca-q", "kv", [2.5], suffix="-k1.5", k_bits=1.5),
         MethodSpec("uniform-int", "peer", {"bits": [4, 2]}, {"peer": "uniform-int"}),
-        MethodSpec("kivi", "peer", {"bits": [2, 4]}, {"peer": "kivi", "group": 32, "residual": 32}),
-        MethodSpec("hf-quanto", "peer", {"bits": [2]}, {"peer": "hf-quantized", "backend": "quanto", "group": 64, "residual": 32}),
+        MethodSpec("kivi", "peer", {"bits": [2, 4]}, {"peer": "kivi", "group": 32, "residual": 128, "v_group": 32}),
+        MethodSpec("hf-quanto", "peer", {"bits": [2]}, {"peer": "hf-quantized", "backend": "quanto", "group": 64, "residual": 128}),
         MethodSpec("h2o", "peer", {"budget": [0.2]}, {"peer": "h2o"}),
         MethodSpec("streamingllm", "peer", {"budget": [0.2]}, {"peer": "streamingllm", "sinks": 4}),
         MethodSpec("seed-vonly", "prune", {"keep_ratio": [0.382]}),
