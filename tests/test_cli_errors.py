@@ -282,3 +282,31 @@ def test_ablate_keeps_finished_rows_when_interrupted(files, tmp_path, monkeypatc
     saved = json.loads(out.read_text())
     assert [r["name"] for r in saved["rows"]] == ["V0"] and saved["complete"] is False
     assert [r["name"] for r in saved["extra_protocols"][0]["rows"]] == ["V0"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["frontier", "--suite", "quick", "--json", "{x}", "--plot", "{x}"],
+    ["frontier", "--quick", "--json", "{x}", "--plot", "{x}"],
+    ["longctx", "--json", "{x}", "--plot", "{x}"],
+    ["ablate-train", "--config", "configs/train-smoke.toml", "--json", "{x}", "--plot", "{x}"],
+])
+def test_remaining_verbs_refuse_one_file_for_two_outputs_before_work(argv, tmp_path, capsys):
+    """Issue 8 §3: every verb checks its outputs before the model loads (frontier, longctx, ablate-train)."""
+    from kvsplice.cli import main
+
+    x = str(tmp_path / "same.json")
+    rc = main([a.replace("{x}", x) for a in argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error:" in line]  # library warnings aside
+    assert rc == 2 and len(err) == 1 and "same.json" in err[0], err
+    assert not (tmp_path / "same.json").exists()
+
+
+def test_demo_refuses_an_existing_file_as_its_output_folder(tmp_path, capsys):
+    from kvsplice.cli import main
+
+    f = tmp_path / "a-file"
+    f.write_text("keep me")
+    rc = main(["demo", "--out", str(f)])
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error:" in line]
+    assert rc == 2 and len(err) == 1, err
+    assert f.read_text() == "keep me"

@@ -24,7 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvsplice.paths import check_outputs
     from kvsplice.train.ablation import load_ablation, run_ablation
+
+    check_outputs({"--config": args.config}, {"--json": args.json, "--plot": args.plot})  # before training starts
 
     over = {k: v for k, v in (("max_steps", args.max_steps), ("threads", args.threads), ("seed", args.seed)) if v is not None}
     if args.no_progress:

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
             raise KVSpliceError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    from kvsplice.paths import check_outputs
+
+    check_outputs({}, {}, folders={"--out": out})  # before the model loads
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:

@@ -69,6 +69,9 @@ def run_suite_command(args: argparse.Namespace) -> int:
     stem = Path("docs") / "results" / f"suite-{cfg.name}-{args.split}"
     out_json = Path(args.json) if args.json else stem.with_suffix(".json")
     out_png = Path(args.plot) if args.plot else out_json.with_suffix(".png")
+    from kvsplice.paths import check_outputs
+
+    check_outputs({"--suite-config": args.suite_config}, {"--json": out_json, "--plot": out_png})  # before any work
     print(f"suite {cfg.name!r}, split {args.split}: JSON -> {out_json} (rewritten after every point), plot -> {out_png}", file=sys.stderr)
     result = run_suite(cfg, args.split, out_json, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_summary(result))
@@ -102,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dtype is not None:
         cfg.dtype = args.dtype
+    from kvsplice.paths import check_outputs
+
+    check_outputs({"--config": args.config}, {"--json": args.json, "--plot": args.plot})  # before the model loads
     model, tokenizer = load_model_for(argparse.Namespace(model=cfg.model, device=args.device, dtype=cfg.dtype))
     result = run_frontier(cfg, model=model, tokenizer=tokenizer, log=log, progress=not args.quiet)
     p = cfg.protocol

@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
             raise KVSpliceError(f"--calibration must be a JSON object, got {args.calibration!r}: {e}") from e
         if not isinstance(calibration, dict):
             raise KVSpliceError(f"--calibration must be a JSON object, got {type(calibration).__name__}")
+    from kvsplice.paths import check_outputs
+
+    check_outputs({}, {"--json": args.json, "--plot": args.plot})  # before the model loads (--resume reads --json: same path by design)
     spec = TaskSpec(tasks=args.tasks, lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed,
                     prompt="plain" if args.prompt == "auto" else args.prompt, chunk=args.chunk)
     model, tokenizer = load_model(args.model)
