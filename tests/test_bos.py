@@ -112,3 +112,21 @@ def test_eval_cli_puts_bos_first_in_every_window(tmp_path):
     assert got == pytest.approx(ppl(with_bos(ids, 64, BOS)), rel=1e-5)
     assert got != pytest.approx(ppl(ids), rel=1e-5)  # the windows without BOS score differently
     assert main(argv + ["--stride", "32"]) == 2  # overlapping windows cannot all start with BOS: refused
+
+
+def test_paths_without_bos_windows_refuse_a_bos_tokenizer(tmp_path):
+    """Frontier grid, ablation, longctx and demo slice the plain stream: with a BOS-adding tokenizer
+    (Gemma) they would report numbers 2-3x off, so they refuse instead of guessing."""
+    from kvsplice.data import refuse_bos_tokenizer
+    from kvsplice.evaluate.frontier import FrontierConfig, run_frontier
+    from kvsplice.evaluate.longctx import TaskSpec
+    from kvsplice.evaluate.longctx_run import run_longctx
+
+    refuse_bos_tokenizer(make_byte_tokenizer(), "x")  # no BOS added: fine
+    with pytest.raises(KVSpliceError, match="BOS"):
+        refuse_bos_tokenizer(_bos_tokenizer(), "x")
+    model = make_tiny_llama()
+    with pytest.raises(KVSpliceError, match="frontier"):
+        run_frontier(FrontierConfig.quick(), model=model, tokenizer=_bos_tokenizer(), log=lambda m: None, progress=False)
+    with pytest.raises(KVSpliceError, match="longctx"):
+        run_longctx(model, _bos_tokenizer(), TaskSpec(lengths=[128], trials=1), ["baseline"], out=None, ppl_prefill=0, ppl_tokens=64)

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         labels["seed"] = "the seed: spline-pca V 64->16"
 
     # -- quality and bytes ---------------------------------------------------------------------------
+    data.refuse_bos_tokenizer(tok, "kvsplice demo")
     ids = data.tokenize(tok, data.evaluation_text())
     rows = {}
     for name, make in makers.items():

@@ -356,6 +356,9 @@ def run_ablation(
     t_cal = time.perf_counter()
     geos, geo_info = prepare_geometries(cfg, model, tokenizer, log=log, progress=progress)
     t_cal = time.perf_counter() - t_cal
+    from kvsplice.data import refuse_bos_tokenizer
+
+    refuse_bos_tokenizer(tokenizer, "the seed's ablation (kvsplice ablate)")
     ids = tokenize(tokenizer, load_texts(cfg.eval_data) if cfg.eval_data else evaluation_text())
     p = cfg.protocol
     rows, tf_rows = [], []

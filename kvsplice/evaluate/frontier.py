@@ -204,6 +204,9 @@ def run_frontier(
     model.eval()
     layers, heads, head_dim = model_layout(model)
     values_per_token = 2 * layers * heads * head_dim
+    from kvsplice.data import refuse_bos_tokenizer
+
+    refuse_bos_tokenizer(tokenizer, "the frontier grid (kvsplice frontier --config)")
     ids = tokenize(tokenizer, load_texts(cfg.eval_data) if cfg.eval_data else evaluation_text())
     p = cfg.protocol
     tokens_end = p.prefill + p.continue_tokens

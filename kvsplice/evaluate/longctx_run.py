@@ -212,6 +212,9 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     t_start = time.perf_counter()
     layers, heads, head_dim = model_layout(model)
     vpt = 2 * layers * heads * head_dim
+    from kvsplice.data import refuse_bos_tokenizer
+
+    refuse_bos_tokenizer(tokenizer, "kvsplice longctx")
     stream = tokenize(tokenizer, evaluation_text())
     methods = ["baseline"] + [m for m in dict.fromkeys(methods) if m != "baseline"]
     reg = Methods(model, tokenizer, calibration, log)
