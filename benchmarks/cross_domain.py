@@ -33,12 +33,11 @@ DOMAINS = ("docs", "code", "prose")
 
 
 def mix_text(chunk_chars: int = 4000) -> str:
-    """The three calibration parts interleaved chunk by chunk (docs, code, prose, docs, ...)."""
-    from kvsplice.texts import part_text
+    """The three calibration parts interleaved chunk by chunk (docs, code, prose, docs, ...): the
+    project's default calibration text (kvsplice.texts.mix_text)."""
+    from kvsplice.texts import mix_text as _mix
 
-    parts = [part_text(d, "calibration") for d in DOMAINS]
-    n = min(len(p) for p in parts) // chunk_chars
-    return "\n\n".join(p[i * chunk_chars:(i + 1) * chunk_chars] for i in range(n) for p in parts)
+    return _mix(DOMAINS, chunk_chars)[0]
 
 
 def corpus_text(name: str) -> str:

@@ -234,8 +234,10 @@ def calibrate_with(model: Any, tokenizer: Any, text: str | None, cfgs: dict, sin
     from kvsplice.calibrate import run_calibration
     from kvsplice.loading import model_id
 
-    if text is None:
-        text, description = data.calibration_text(), data.describe_default("calibration")
+    if text is None:  # the default: the domains mix (docs/CROSS_DOMAIN.md: it transfers; pydoc alone does not)
+        from kvsplice.texts import mix_text
+
+        text, description = mix_text()
     geos = {t: run_calibration(model, tokenizer, text, cfg, description=description or "custom text",
                                progress=progress).geometry for t, cfg in cfgs.items()}
     return Recipe(v=geos.get("v"), k=geos.get("k"), sink=sink, model=model_id(model))

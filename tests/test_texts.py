@@ -120,3 +120,21 @@ def test_rdata_reader_round_trip(tmp_path):
     (tmp_path / "Rdata.rdb").write_bytes(rdb[:10])
     with pytest.raises(RDataError, match="outside the file"):
         read_lazyload(tmp_path)
+
+
+def test_default_calibration_mix_interleaves_every_installed_domain():
+    """Issue 10: the default calibration text is the domains mix, chunk by chunk, so the first windows see each."""
+    import warnings
+
+    from kvsplice.texts import MIX_CHUNK_CHARS, available, mix_text, part_text
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text, desc = mix_text()
+    domains = [d for d in ("docs", "code", "prose") if available(d)]
+    assert "+".join(domains) in desc
+    for d in domains:
+        assert part_text(d, "calibration")[:MIX_CHUNK_CHARS] in text[: (MIX_CHUNK_CHARS + 2) * len(domains)]
+    a, _ = mix_text(("docs", "code"), chunk_chars=500)
+    doc0, code0 = part_text("docs", "calibration")[:500], part_text("code", "calibration")[:500]
+    assert a.startswith(doc0 + "\n\n" + code0)

@@ -26,7 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
     p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="UTF-8 text files (or hf:DATASET[:CONFIG][@SPLIT]); default: the calibration split of pydoc_data.topics")
+                   help="UTF-8 text files (or hf:DATASET[:CONFIG][@SPLIT]); default: --corpus")
+    p.add_argument("--corpus", choices=["mix", "docs"], default="mix",
+                   help="calibration text when no --data: mix (default) = the calibration parts of docs, code and prose "
+                        "interleaved (kvsplice/texts.py; prose needs `make texts`); docs = pydoc_data.topics only")
     p.add_argument("--preset", choices=["best", "seed"], default="best",
                    help="best (default): pca-q 4-bit, joint heads, K+V, sink 1; seed: spline-pca rank 16, per head, V only")
     p.add_argument("--codec", default=None, help="codec registry name (default: the preset's, pca-q / spline-pca)")
@@ -121,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         raise KVSpliceError("--sink is stored in a recipe (K+V); a single geometry file has none: pass --sink to eval / generate")
     if args.data:
         text, description = data.load_texts(args.data), "files: " + ", ".join(args.data)
+    elif args.corpus == "mix":  # the default: it transfers to other text (docs/CROSS_DOMAIN.md)
+        from kvsplice.texts import mix_text
+
+        text, description = mix_text()
     else:
         text, description = data.calibration_text(), data.describe_default("calibration")
 
