@@ -210,3 +210,31 @@ def test_every_frontier_config_in_the_repo_is_valid(path):
     """The supplement configs quoted in docs/RESULTS.md must keep loading (validated up front)."""
     cfg = FrontierConfig.from_toml(path)
     assert cfg.methods and all(m.settings() for m in cfg.methods)
+
+
+def test_frontier_grid_writes_every_finished_setting_and_keeps_them_on_interrupt(tmp_path, monkeypatch):
+    """Issue 8 §3: a crash or Ctrl-C in the grid loses at most the setting in progress."""
+    import kvsplice.evaluate.frontier as fr
+
+    pytest.importorskip("hqq")
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    cfg = tmp_path / "frontier.toml"
+    cfg.write_text(TINY_TOML.format(model=folder), encoding="utf-8")
+    out_json = tmp_path / "f.json"
+    calls = {"n": 0}
+    real = fr.perplexity_prefill_continue
+
+    def flaky(*a, **k):  # the baseline + 3 settings finish, then Ctrl-C
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fr, "perplexity_prefill_continue", flaky)
+    rc = main(["frontier", "--config", str(cfg), "--quick", "--json", str(out_json), "--quiet", "--threads", "1"])
+    assert rc == 130
+    d = json.loads(out_json.read_text())
+    validate_frontier(d)
+    assert d["complete"] is False and len(d["points"]) == 4  # baseline + the 3 finished settings

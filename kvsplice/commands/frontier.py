@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_outputs({"--config": args.config}, {"--json": args.json, "--plot": args.plot})  # before the model loads
     model, tokenizer = load_model_for(argparse.Namespace(model=cfg.model, device=args.device, dtype=cfg.dtype))
-    result = run_frontier(cfg, model=model, tokenizer=tokenizer, log=log, progress=not args.quiet)
+    on_point = (lambda partial: write_frontier_json(args.json, partial)) if args.json else None  # lose at most one setting
+    result = run_frontier(cfg, model=model, tokenizer=tokenizer, log=log, progress=not args.quiet, on_point=on_point)
     p = cfg.protocol
     print(f"{result['model']}: prefill-continue, prefill {p.prefill} + {p.continue_tokens} scored tokens x {p.segments} segments; "
           f"baseline ppl {result['baseline_ppl']:.3f}  (* = Pareto within its method, G = Pareto over all methods)")

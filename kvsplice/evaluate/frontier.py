@@ -186,9 +186,12 @@ def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
 
 
 def run_frontier(
-    cfg: FrontierConfig, model: Any = None, tokenizer: Any = None, log: Callable[[str], None] = print, progress: bool = True
+    cfg: FrontierConfig, model: Any = None, tokenizer: Any = None, log: Callable[[str], None] = print, progress: bool = True,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the baseline and every setting; return the JSON object (module docstring)."""
+    """Measure the baseline and every setting; return the JSON object (module docstring). `on_point`
+    gets the result so far ("complete": false) after every finished setting, so a caller can write it
+    and a crash or Ctrl-C loses at most the setting in progress."""
     from transformers import DynamicCache
 
     from kvsplice.cache import CompressedCache, model_layout
@@ -223,6 +226,19 @@ def run_frontier(
         return {"method": method, "setting": setting, "kv_bits_per_value": 8.0 * r.kv_bytes_per_token / values_per_token,
                 "kv_bytes_per_token": float(r.kv_bytes_per_token), "ppl": float(r.ppl), "pareto": False}
 
+    def assemble(complete: bool) -> dict[str, Any]:
+        _flag(points)
+        result: dict[str, Any] = {"model": model_id(model), "baseline_ppl": float(base.ppl), "points": points,
+                                  "config": cfg.to_dict(), "complete": complete}
+        flags = pareto_flags([(q["kv_bytes_per_token"], q["ppl"]) for q in points])
+        result["global_pareto"] = [{"method": q["method"], "setting": q["setting"]} for q, f in zip(points, flags) if f]
+        if p.teacher_forced:
+            _flag(tf_points)
+            result["teacher_forced"] = {"baseline_ppl": float(tf_base.ppl), "points": tf_points}
+        result["run"] = {"seconds": round(time.perf_counter() - t_start, 1), "eval_tokens_available": int(ids.shape[0]),
+                         "values_per_token": values_per_token, "calibration": cal.info, "details": details}
+        return json.loads(json.dumps(result))
+
     base = pc(DynamicCache, "baseline")
     points = [point("baseline", f"DynamicCache {cfg.dtype}", base)]
     log(f"baseline: ppl {base.ppl:.3f}, {base.kv_bytes_per_token:.0f} B/token, {base.seconds:.1f} s")
@@ -255,17 +271,9 @@ def run_frontier(
             log(line)
             details.append({"method": m.name, "setting": setting, "v_bytes_per_token": r.v_bytes_per_token,
                             "seconds": round(time.perf_counter() - t0, 2)})
-    _flag(points)
-    result: dict[str, Any] = {"model": model_id(model), "baseline_ppl": float(base.ppl), "points": points,
-                              "config": cfg.to_dict()}
-    flags = pareto_flags([(q["kv_bytes_per_token"], q["ppl"]) for q in points])
-    result["global_pareto"] = [{"method": q["method"], "setting": q["setting"]} for q, f in zip(points, flags) if f]
-    if p.teacher_forced:
-        _flag(tf_points)
-        result["teacher_forced"] = {"baseline_ppl": float(tf_base.ppl), "points": tf_points}
-    result["run"] = {"seconds": round(time.perf_counter() - t_start, 1), "eval_tokens_available": int(ids.shape[0]),
-                     "values_per_token": values_per_token, "calibration": cal.info, "details": details}
-    return json.loads(json.dumps(result))
+            if on_point is not None:
+                on_point(assemble(complete=False))
+    return assemble(complete=True)
 
 
 def _flag(points: list[dict[str, Any]]) -> None:
