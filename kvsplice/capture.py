@@ -37,12 +37,7 @@ import torch
 from torch import nn
 
 from kvsplice.errors import ModelError
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [-x2, x1] on the last axis (transformers' convention for RoPE)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+from kvsplice.rope import rotate_half  # one RoPE convention for capture and the cache
 
 
 def _broadcast(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
