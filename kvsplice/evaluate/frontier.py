@@ -185,6 +185,21 @@ def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
     return f"{key}={s[key]}"
 
 
+def prepare_model(cfg: Any, model: Any = None, tokenizer: Any = None) -> tuple[Any, Any, int]:
+    """Threads, model (loaded from cfg.model in cfg.dtype when not given), eval mode, and the K/V
+    values cached per token (2 x layers x KV heads x head_dim). Shared by the grid and the suite."""
+    from kvsplice.cache import model_layout
+    from kvsplice.loading import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+    model.eval()
+    layers, heads, head_dim = model_layout(model)
+    return model, tokenizer, 2 * layers * heads * head_dim
+
+
 def run_frontier(
     cfg: FrontierConfig, model: Any = None, tokenizer: Any = None, log: Callable[[str], None] = print, progress: bool = True,
     on_point: Callable[[dict[str, Any]], None] | None = None,
@@ -196,17 +211,12 @@ def run_frontier(
 
     from kvsplice.cache import CompressedCache, model_layout
     from kvsplice.data import evaluation_text, load_texts, tokenize
-    from kvsplice.loading import load_model, model_id
+    from kvsplice.loading import model_id
     from kvsplice.pruning import VOnlyPruner
 
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
-    model.eval()
-    layers, heads, head_dim = model_layout(model)
-    values_per_token = 2 * layers * heads * head_dim
+    model, tokenizer, values_per_token = prepare_model(cfg, model, tokenizer)
+    layers = model_layout(model)[0]
     from kvsplice.data import refuse_bos_tokenizer
 
     refuse_bos_tokenizer(tokenizer, "the frontier grid (kvsplice frontier --config)")

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from kvsplice.errors import KVSpliceError
-from kvsplice.evaluate.frontier import DTYPES, _Calibration, _codec_factory, _for_target, _setting_str
+from kvsplice.evaluate.frontier import _Calibration, _codec_factory, _for_target, _setting_str, prepare_model
 from kvsplice.evaluate.frontier_config import MethodSpec, _make_peer
 from kvsplice.evaluate.perplexity import perplexity_prefill_continue, perplexity_teacher_forced
 from kvsplice.evaluate.stats import paired_block_bootstrap, spread
@@ -152,7 +152,7 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
 
     from kvsplice.cache import CompressedCache, model_layout
     from kvsplice.data import bos_id, tokenize, with_bos
-    from kvsplice.loading import load_model, model_id
+    from kvsplice.loading import model_id
     from kvsplice.pruning import VOnlyPruner
     from kvsplice.texts import part_info, part_text, provenance
 
@@ -160,13 +160,8 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
         raise SuiteError(f"split must be one of {SPLITS}, got {split!r}")
     t_start = time.perf_counter()
     json_path = Path(json_path)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
-    model.eval()
-    layers, heads, head_dim = model_layout(model)
-    vpt = 2 * layers * heads * head_dim
+    model, tokenizer, vpt = prepare_model(cfg, model, tokenizer)
+    layers = model_layout(model)[0]
     seg_len = cfg.prefill + cfg.continue_tokens + 1
     result: dict[str, Any] = {
         "kind": "kvsplice-suite", "suite": cfg.name, "split": split, "status": "running", "model": model_id(model),
