@@ -157,7 +157,7 @@ def _for_target(s: dict[str, Any], target: str) -> dict[str, Any]:
 
 
 def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable[[], Any]:
-    from kvsplice.cache import CompressedCache, LayerCodec, model_layout
+    from kvsplice.cache import CompressedCache, LayerCodec, layer_windows, model_layout
     from kvsplice.kcodec import k_layer_codecs
 
     layers = model_layout(model)[0]
@@ -169,7 +169,8 @@ def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable
     if "k" in target:
         k = k_layer_codecs(model, cal.geometry(_for_target(s, "k"), "k"))
     window, sink = int(s.get("window", 0)), int(s.get("sink", 0))
-    return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window, sink=sink)
+    sliding = layer_windows(model)  # Gemma 3: a sliding layer holds <= its window (bytes counted as held)
+    return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window, sink=sink, sliding_windows=sliding)
 
 
 def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
