@@ -165,3 +165,14 @@ def test_repository_suite_configs_load(name):
     cfg = SuiteConfig.named(name)
     assert cfg.tokens >= 4096 and cfg.draws >= (3 if name == "full" else 2) and len(cfg.domains) >= 3
     assert (cfg.tf_window - 1) * cfg.tf_windows >= cfg.tokens and cfg.continue_tokens * cfg.segments >= cfg.tokens
+
+
+def test_held_bits_is_the_rate_against_an_uncompressed_cache_holding_the_same_rows():
+    from types import SimpleNamespace
+
+    from kvsplice.evaluate.suite import held_bits
+
+    # a hybrid model's sliding layers drop rows for every cache alike: only the compression rate counts
+    assert held_bits(SimpleNamespace(kv_reduction_pct=87.5), "float32") == 4.0
+    assert held_bits(SimpleNamespace(kv_reduction_pct=75.0), "bfloat16") == 4.0
+    assert held_bits(SimpleNamespace(kv_reduction_pct=0.0), "float32") == 32.0

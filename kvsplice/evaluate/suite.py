@@ -72,6 +72,9 @@ def git_commit(root: Path | None = None) -> dict[str, Any]:
     return {"commit": head or None, "dirty": bool(dirty)}
 
 
+DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+
+
 class _DrawCalibration(_Calibration):
     """`_Calibration` on the calibration part of one domain: seed = draw, documents rotated per draw."""
 
@@ -104,6 +107,14 @@ def _geometry_bytes(s: dict[str, Any], cal: _Calibration) -> int:
             geo = cal.geometry(_for_target(s, t), t)
             total += sum(int(x.nbytes) for c in geo.codecs.values() for x in c.state_tensors().values())
     return total
+
+
+def held_bits(row: Any, dtype: str) -> float:
+    """Payload bits per value HELD: the model dtype's bits x bytes held / bytes an uncompressed cache
+    holding the same rows holds. Equals 8 x bytes per token / values per token when every layer is
+    full attention; on a hybrid model (Gemma 3) it is the compression rate, not the sliding layers'
+    own saving (the uncompressed baseline drops those rows too; bytes per token are kept as measured)."""
+    return DTYPE_BITS[dtype] * (1.0 - row.kv_reduction_pct / 100.0)
 
 
 def honest_bits(payload_bits: float, geometry_bytes: int, values_per_token: int, cfg: SuiteConfig) -> dict[str, Any]:
@@ -217,7 +228,7 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
             q = {"domain": domain, "method": "baseline", "family": "baseline", "setting": f"DynamicCache {cfg.dtype}",
                  "protocol": protocol, "draw": None, "tokens": int(r.tokens), "ppl": float(r.ppl), "baseline_ppl": float(r.ppl),
                  "delta_pct": 0.0, "ci95": [0.0, 0.0], "verdict": "tie", "kl": 0.0, "top1": 1.0, "ref_mass": None,
-                 "kv_bytes_per_token": float(r.kv_bytes_per_token), **honest_bits(8.0 * r.kv_bytes_per_token / vpt, 0, vpt, cfg),
+                 "kv_bytes_per_token": float(r.kv_bytes_per_token), **honest_bits(held_bits(r, cfg.dtype), 0, vpt, cfg),
                  "seconds": round(r.seconds, 2)}
             result["domains"][domain]["baseline"][protocol] = {"ppl": float(r.ppl), "tokens": int(r.tokens)}
             save_point(q, sc)
@@ -248,7 +259,7 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
                     q = {"domain": domain, "method": m.name, "family": family(m), "setting": setting, "protocol": protocol, "draw": draw,
                          "tokens": int(r.tokens), "ppl": float(r.ppl), "baseline_ppl": result["domains"][domain]["baseline"][protocol]["ppl"],
                          "delta_pct": st.delta_pct, "ci95": [st.ci_low, st.ci_high], "verdict": st.verdict, **summ,
-                         "kv_bytes_per_token": float(r.kv_bytes_per_token), **honest_bits(8.0 * r.kv_bytes_per_token / vpt, geo_bytes, vpt, cfg),
+                         "kv_bytes_per_token": float(r.kv_bytes_per_token), **honest_bits(held_bits(r, cfg.dtype), geo_bytes, vpt, cfg),
                          "seconds": round(r.seconds, 2)}
                     save_point(q, sc)
                     log(f"[{domain}] {m.name} [{setting}]{'' if draw is None else f' draw {draw}'} ({protocol}): Δ {st.delta_pct:+.2f} % "
