@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from kvsplice.allocation import ALLOCATE_KEYS
 from kvsplice.errors import KVSpliceError
 from kvsplice.evaluate.frontier_config import (
     POINT_KEYS,
@@ -66,16 +67,37 @@ class _Calibration:
         self.geometries: dict[str, Any] = {}
         self.warps: dict[str, Any] = {}  # geometries whose trained warps later bit budgets reuse
         self.info: dict[str, Any] = {}
+        self.allocations: dict[str, Any] = {}
+
+    def _text(self) -> str:
+        from kvsplice.data import calibration_text, load_texts
+
+        if getattr(self, "text", None) is None:
+            self.text = load_texts(self.cfg.calibration_data) if self.cfg.calibration_data else calibration_text()
+        return self.text
+
+    def allocation(self, s: dict[str, Any]) -> tuple[Any, dict[str, dict[float, Any]]]:
+        """(Allocation, geometries[t][bits]) of an `allocate` setting (kvsplice/allocation.py), probed
+        once on the first `probe_tokens` tokens of this calibration text."""
+        from kvsplice.allocation import DEFAULT_PROBE_TOKENS, fit_allocation
+
+        key = json.dumps({k: v for k, v in s.items() if k != "window"}, sort_keys=True)
+        if key not in self.allocations:
+            n = int(s.get("probe_tokens", DEFAULT_PROBE_TOKENS))
+            ids = self.tokenizer(self._text(), return_tensors="pt").input_ids[:, :n]
+            if ids.shape[1] < n:
+                raise KVSpliceError(f"sensitivity probe: expected {n} calibration tokens, found {ids.shape[1]}")
+            self.allocations[key] = fit_allocation(self.model, s, lambda g, t: self.geometry(g, t), ids, self.log)
+            self.info.setdefault("allocations", {})[key] = self.allocations[key][0].as_json()
+        return self.allocations[key]
 
     def _collect(self, target: str) -> Any:
         if target not in self.collected:
             from kvsplice.calibrate import CalibrationConfig, collect_layer_vectors
-            from kvsplice.data import calibration_text, load_texts
 
-            text = load_texts(self.cfg.calibration_data) if self.cfg.calibration_data else calibration_text()
             ccfg = CalibrationConfig.from_dict({**self.cfg.calibration, "target": target})
             t0 = time.perf_counter()
-            self.collected[target] = collect_layer_vectors(self.model, self.tokenizer, text, ccfg, progress=self.progress)
+            self.collected[target] = collect_layer_vectors(self.model, self.tokenizer, self._text(), ccfg, progress=self.progress)
             self.info[f"collect_{target}_seconds"] = round(time.perf_counter() - t0, 2)
             self.log(f"collected {target.upper()}: {self.collected[target].tokens} tokens in {self.info[f'collect_{target}_seconds']} s")
         return self.collected[target]
@@ -88,7 +110,7 @@ class _Calibration:
         from kvsplice.models import get_adapter
 
         joint = bool(s.get("joint_heads", False))
-        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k")}
+        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k", *ALLOCATE_KEYS)}
         if getattr(CODECS[s["codec"]], "default_warp", None) == "spline" and "warp" not in codec_params:
             # the seed spline inside a transform coder: train it like the seed's spline-pca rows
             codec_params.setdefault("warp_params", {k: self.cfg.calibration[k] for k in ("epochs", "knots") if k in self.cfg.calibration})
@@ -157,17 +179,20 @@ def _for_target(s: dict[str, Any], target: str) -> dict[str, Any]:
 
 
 def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable[[], Any]:
-    from kvsplice.cache import CompressedCache, LayerCodec, layer_windows, model_layout
-    from kvsplice.kcodec import k_layer_codecs
+    from kvsplice.allocation import allocated_codecs, per_layer_codecs
+    from kvsplice.cache import CompressedCache, layer_windows, model_layout
 
     layers = model_layout(model)[0]
     target = s.get("target", "v")
-    v = k = None
-    if "v" in target:
-        geo = cal.geometry(_for_target(s, "v"), "v")
-        v = [LayerCodec.from_geometry(geo, l) for l in range(layers)]
-    if "k" in target:
-        k = k_layer_codecs(model, cal.geometry(_for_target(s, "k"), "k"))
+    codecs = {}
+    for t in ("v", "k"):
+        if t not in target:
+            codecs[t] = None
+        elif s.get("allocate"):  # per-layer bits from the sensitivity probe
+            codecs[t] = allocated_codecs(model, *cal.allocation(s), t)
+        else:
+            codecs[t] = per_layer_codecs(model, cal.geometry(_for_target(s, t), t), t)
+    v, k = codecs["v"], codecs["k"]
     window, sink = int(s.get("window", 0)), int(s.get("sink", 0))
     sliding = layer_windows(model)  # Gemma 3: a sliding layer holds <= its window (bytes counted as held)
     return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window, sink=sink, sliding_windows=sliding)
@@ -180,6 +205,7 @@ def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
     extra = f" window={s['window']}" if s.get("window") else ""
     extra += f" sink={s['sink']}" if s.get("sink") else ""
     extra += f" K@{s['k_bits']}" if s.get("k_bits") is not None else ""
+    extra += f" alloc={s['allocate']}" if s.get("allocate") else ""
     if m.kind == "codec":
         joint = " joint" if s.get("joint_heads") else ""
         return f"{key}={s[key]} {s.get('target', 'v').upper()}{joint}{extra}"

@@ -98,7 +98,12 @@ class MethodSpec:
             else:
                 from kvsplice.codecs import get_codec
 
-                get_codec(s["codec"], **{k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k_bits")})
+                from kvsplice.allocation import ALLOCATE_KEYS, check_allocation_params
+
+                if "allocate" in s:
+                    check_allocation_params(s, f"methods.{self.name}")
+                get_codec(s["codec"], **{k: v for k, v in s.items()
+                                         if k not in ("codec", "target", "joint_heads", "window", "sink", "k_bits", *ALLOCATE_KEYS)})
 
     def settings(self) -> list[dict[str, Any]]:
         (key, values), = self.sweep.items()

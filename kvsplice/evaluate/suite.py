@@ -101,6 +101,10 @@ class _DrawCalibration(_Calibration):
 
 
 def _geometry_bytes(s: dict[str, Any], cal: _Calibration) -> int:
+    if s.get("allocate"):  # each layer holds the geometry of its own bit width
+        from kvsplice.allocation import allocated_state_bytes
+
+        return allocated_state_bytes(*cal.allocation(s))
     total = 0
     for t in ("v", "k"):
         if t in s.get("target", "v"):
