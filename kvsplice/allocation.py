@@ -160,31 +160,48 @@ def probe_damage(model: Any, ids: torch.Tensor, candidates: dict[str, dict[float
     return out
 
 
-def fit_allocation(model: Any, s: dict[str, Any], geometry: Callable[[dict[str, Any], str], Any], ids: torch.Tensor,
-                   log: Callable[[str], None] = lambda m: None) -> tuple[Allocation, dict[str, dict[float, Any]]]:
-    """Probe and solve for setting `s` (bits = the average budget). `geometry(setting, target)` fits
-    (or returns a cached) geometry; ids (B, T) probe tokens from the calibration text.
-    -> (Allocation, geometries[t][b])."""
+@dataclass
+class Probe:
+    """What the sensitivity probe measured for one setting family (all but `bits`): damage[t][l][b],
+    cost[t][l][b] (bytes per token), geos[t][b], values per token of each target, and info."""
+
+    damage: dict[str, list[dict[float, float]]]
+    cost: dict[str, list[dict[float, float]]]
+    geos: dict[str, dict[float, Any]]
+    values: int
+    info: dict[str, Any]
+
+
+def run_probe(model: Any, s: dict[str, Any], geometry: Callable[[dict[str, Any], str], Any], ids: torch.Tensor,
+              log: Callable[[str], None] = lambda m: None) -> Probe:
+    """Fit every level's geometry (`geometry(setting, target)`, cached by the caller) and probe the
+    damage of each (target, layer, level); ids (B, T) probe tokens from the calibration text."""
+    from kvsplice.cache import model_layout
+
     check_allocation_params(s, "allocate")
+    L, H, D = model_layout(model)
     levels = sorted({float(b) for b in s.get("levels", DEFAULT_LEVELS)})
     base = {k: v for k, v in s.items() if k not in ALLOCATE_KEYS and k not in ("bits", "k_bits")}
     targets = [t for t in ("k", "v") if t in s.get("target", "v")]
     geos = {t: {b: geometry({**base, "bits": b}, t) for b in levels} for t in targets}
-    from kvsplice.cache import model_layout
-
-    L, H, D = model_layout(model)
     t0 = time.perf_counter()
     damage = probe_damage(model, ids, {t: {b: per_layer_codecs(model, g, t) for b, g in geos[t].items()} for t in targets},
                           int(s.get("sink", 0)), log)
     cost = {t: [{b: layer_cost(geos[t][b], l) for b in levels} for l in range(L)] for t in targets}
-    budget = float(s["bits"]) * len(targets) * L * H * D / 8.0  # uniform pca-q's payload at `bits`
-    flat = solve({(t, l): damage[t][l] for t in targets for l in range(L)},
-                 {(t, l): cost[t][l] for t in targets for l in range(L)}, budget)
-    bits = {t: [flat[(t, l)] for l in range(L)] for t in targets}
-    alloc = Allocation(bits, damage, cost, budget, sum(damage[t][l][flat[(t, l)]] for t in targets for l in range(L)),
-                       {"probe_tokens": int(ids.numel()), "probe_seconds": round(time.perf_counter() - t0, 1), "levels": levels})
-    log(f"allocation at {s['bits']} bits: " + "; ".join(f"{t.upper()} {bits[t]}" for t in targets))
-    return alloc, geos
+    info = {"probe_tokens": int(ids.numel()), "probe_seconds": round(time.perf_counter() - t0, 1), "levels": levels}
+    return Probe(damage, cost, geos, len(targets) * L * H * D, info)
+
+
+def fit_allocation(probe: Probe, bits: float, log: Callable[[str], None] = lambda m: None) -> Allocation:
+    """The allocation at an average of `bits` per value: uniform pca-q's payload at `bits`."""
+    targets, L = sorted(probe.damage), len(next(iter(probe.damage.values())))
+    budget = float(bits) * probe.values / 8.0
+    flat = solve({(t, l): probe.damage[t][l] for t in targets for l in range(L)},
+                 {(t, l): probe.cost[t][l] for t in targets for l in range(L)}, budget)
+    chosen = {t: [flat[(t, l)] for l in range(L)] for t in targets}
+    kl = sum(probe.damage[t][l][flat[(t, l)]] for t in targets for l in range(L))
+    log(f"allocation at {bits} bits: " + "; ".join(f"{t.upper()} {chosen[t]}" for t in targets))
+    return Allocation(chosen, probe.damage, probe.cost, budget, kl, dict(probe.info))
 
 
 def allocated_codecs(model: Any, alloc: Allocation, geos: dict[str, dict[float, Any]], target: str) -> list[Any]:

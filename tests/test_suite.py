@@ -13,6 +13,7 @@ from conftest import make_byte_tokenizer, make_tiny_llama
 
 from kvsplice import texts
 from kvsplice.cli import main
+from kvsplice.errors import KVSpliceError
 from kvsplice.evaluate.suite import SuiteError, run_suite
 from kvsplice.evaluate.suite_config import SuiteConfig, SuiteConfigError
 
@@ -176,3 +177,26 @@ def test_held_bits_is_the_rate_against_an_uncompressed_cache_holding_the_same_ro
     assert held_bits(SimpleNamespace(kv_reduction_pct=87.5), "float32") == 4.0
     assert held_bits(SimpleNamespace(kv_reduction_pct=75.0), "bfloat16") == 4.0
     assert held_bits(SimpleNamespace(kv_reduction_pct=0.0), "float32") == 32.0
+
+
+def test_protocol_param_forces_prefill_continue_and_windows_use_it(tmp_path, tiny_domains):
+    """Equal-terms comparisons (issue 13 lever 4): a windowed coder can only be measured
+    prefill-continue, so its no-window twin can be forced there too; a bad value is refused."""
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    from kvsplice.loading import load_model
+
+    model, tok = load_model(str(folder))
+    base = {"codec": "pca-q", "target": "kv", "joint_heads": True, "sink": 1}
+    cfg = _cfg(str(folder), domains=["alpha"], draws=1, headline=["pc"], methods=[
+        {"name": "pc", "kind": "codec", "sweep": {"bits": [4.0]}, "params": {**base, "protocol": "prefill-continue"}},
+        {"name": "tf", "kind": "codec", "sweep": {"bits": [4.0]}, "params": base},
+        {"name": "win", "kind": "codec", "sweep": {"bits": [4.0]}, "params": {**base, "window": 4}},
+    ])
+    run_suite(cfg, "dev", tmp_path / "s.json", model=model, tokenizer=tok, log=lambda m: None)
+    d = json.loads((tmp_path / "s.json").read_text())
+    proto = {q["method"]: q["protocol"] for q in d["points"] if q["method"] != "baseline"}
+    assert proto == {"pc": "prefill-continue", "tf": "teacher-forced", "win": "prefill-continue"}
+    with pytest.raises(KVSpliceError, match="params.protocol"):
+        _cfg(headline=["x"], methods=[{"name": "x", "kind": "codec", "sweep": {"bits": [4.0]}, "params": {**base, "protocol": "teacher"}}])

@@ -77,19 +77,22 @@ class _Calibration:
         return self.text
 
     def allocation(self, s: dict[str, Any]) -> tuple[Any, dict[str, dict[float, Any]]]:
-        """(Allocation, geometries[t][bits]) of an `allocate` setting (kvsplice/allocation.py), probed
-        once on the first `probe_tokens` tokens of this calibration text."""
-        from kvsplice.allocation import DEFAULT_PROBE_TOKENS, fit_allocation
+        """(Allocation, geometries[t][bits]) of an `allocate` setting (kvsplice/allocation.py). The probe
+        runs once per setting family (every budget `bits` shares it) on the first `probe_tokens`
+        tokens of this calibration text."""
+        from kvsplice.allocation import DEFAULT_PROBE_TOKENS, fit_allocation, run_probe
 
-        key = json.dumps({k: v for k, v in s.items() if k != "window"}, sort_keys=True)
-        if key not in self.allocations:
+        family = json.dumps({k: v for k, v in s.items() if k not in ("window", "bits")}, sort_keys=True)
+        if family not in self.allocations:
             n = int(s.get("probe_tokens", DEFAULT_PROBE_TOKENS))
             ids = self.tokenizer(self._text(), return_tensors="pt").input_ids[:, :n]
             if ids.shape[1] < n:
                 raise KVSpliceError(f"sensitivity probe: expected {n} calibration tokens, found {ids.shape[1]}")
-            self.allocations[key] = fit_allocation(self.model, s, lambda g, t: self.geometry(g, t), ids, self.log)
-            self.info.setdefault("allocations", {})[key] = self.allocations[key][0].as_json()
-        return self.allocations[key]
+            self.allocations[family] = run_probe(self.model, s, lambda g, t: self.geometry(g, t), ids, self.log)
+        probe = self.allocations[family]
+        alloc = fit_allocation(probe, s["bits"])
+        self.info.setdefault("allocations", {})[json.dumps(s, sort_keys=True)] = alloc.as_json()
+        return alloc, probe.geos
 
     def _collect(self, target: str) -> Any:
         if target not in self.collected:
@@ -110,7 +113,7 @@ class _Calibration:
         from kvsplice.models import get_adapter
 
         joint = bool(s.get("joint_heads", False))
-        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k", *ALLOCATE_KEYS)}
+        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k", "protocol", *ALLOCATE_KEYS)}
         if getattr(CODECS[s["codec"]], "default_warp", None) == "spline" and "warp" not in codec_params:
             # the seed spline inside a transform coder: train it like the seed's spline-pca rows
             codec_params.setdefault("warp_params", {k: self.cfg.calibration[k] for k in ("epochs", "knots") if k in self.cfg.calibration})
@@ -290,7 +293,7 @@ def run_frontier(
             peer, exact = None, False
             if m.kind == "codec":
                 make = _codec_factory(model, s, cal)
-                exact = not s.get("window")
+                exact = not s.get("window") and s.get("protocol") != "prefill-continue"
             elif m.kind == "prune":
                 make = lambda s=s: CompressedCache(layers, pruner=VOnlyPruner(**s))  # noqa: E731
             else:

@@ -246,7 +246,7 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
                     if m.kind == "codec":
                         cal = calibration(draw)
                         make = _codec_factory(model, s, cal)
-                        exact = not s.get("window")
+                        exact = not s.get("window") and s.get("protocol") != PC  # PC forced: equal-terms comparisons
                         geo_bytes = _geometry_bytes(s, cal)
                     elif m.kind == "prune":
                         make, exact = (lambda s=s: CompressedCache(layers, pruner=VOnlyPruner(**s))), False
