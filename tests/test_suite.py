@@ -200,3 +200,9 @@ def test_protocol_param_forces_prefill_continue_and_windows_use_it(tmp_path, tin
     assert proto == {"pc": "prefill-continue", "tf": "teacher-forced", "win": "prefill-continue"}
     with pytest.raises(KVSpliceError, match="params.protocol"):
         _cfg(headline=["x"], methods=[{"name": "x", "kind": "codec", "sweep": {"bits": [4.0]}, "params": {**base, "protocol": "teacher"}}])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("suite-*.toml")), ids=lambda p: p.stem)
+def test_every_suite_config_in_the_repo_loads(path):
+    cfg = SuiteConfig.from_toml(path)
+    assert cfg.tokens >= 4096 and len(cfg.domains) >= 3  # the evidence suite's floor, levers included
