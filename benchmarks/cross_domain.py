@@ -9,7 +9,7 @@ perplexity with a paired moving-block bootstrap 95 % CI (kvsplice/evaluate/stats
 
 Calibration-free methods (rot-uniform, uniform) are measured once per evaluation domain (cal = "-").
 The model is loaded once; collected K / V of each corpus are kept and every geometry is fitted
-once (frontier's `_Calibration`). The JSON is rewritten atomically after every cell and a rerun
+once (frontier's `Calibration`). The JSON is rewritten atomically after every cell and a rerun
 skips cells already present, so a killed run resumes. Per-token NLL of every cell goes to
 `<json>.tokens.safetensors` ("<cell key>": float32 (N,)) for later paired comparisons.
 
@@ -48,9 +48,9 @@ def corpus_text(name: str) -> str:
 
 def make_calibration(name: str, model: Any, tok: Any, log) -> Any:
     from kvsplice.calibrate import CalibrationConfig, collect_layer_vectors
-    from kvsplice.evaluate.frontier import _Calibration
+    from kvsplice.evaluate.frontier import Calibration
 
-    class _Cal(_Calibration):
+    class _Cal(Calibration):
         def _collect(self, target: str) -> Any:
             if target not in self.collected:
                 ccfg = CalibrationConfig.from_dict({**CAL, "target": target})
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import DynamicCache
 
     from kvsplice.data import tokenize
-    from kvsplice.evaluate.frontier import _codec_factory
+    from kvsplice.evaluate.frontier import codec_factory
     from kvsplice.evaluate.perplexity import perplexity_teacher_forced
     from kvsplice.evaluate.report import _atomic_write_bytes
     from kvsplice.evaluate.stats import paired_block_bootstrap
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if c not in cals:
                 cals[c] = make_calibration(c, model, tok, log)
-            make = _codec_factory(model, s, cals[c])
+            make = codec_factory(model, s, cals[c])
             run(key, d, make, {"method": label, "cal": c if calibrated else None, "setting": s})
     res["seconds"] = round(time.perf_counter() - t0, 1)
     write()

@@ -167,15 +167,15 @@ def test_generate_left_padded_batch_past_the_window_equals_dynamic_cache():
 
 
 def test_frontier_and_suite_caches_respect_sliding_layers():
-    """The frontier / suite build their caches in `_codec_factory`; before the fix it passed no
+    """The frontier / suite build their caches in `codec_factory`; before the fix it passed no
     sliding windows, so Gemma's sliding layers kept every row (bytes over-counted)."""
     from types import SimpleNamespace
 
-    from kvsplice.evaluate.frontier import _codec_factory
+    from kvsplice.evaluate.frontier import codec_factory
 
     model, ad = _gemma()
     cal = SimpleNamespace(geometry=lambda s, target: _identity_geometry(ad, target))
-    cache = _codec_factory(model, {"codec": "identity", "target": "kv", "sink": 1}, cal)()
+    cache = codec_factory(model, {"codec": "identity", "target": "kv", "sink": 1}, cal)()
     assert cache.is_sliding == [True, True, False]
     _feed(model, _ids(), cache, CHUNKS)
     row = ad.num_kv_heads * ad.head_dim * 4  # identity payload: one float32 row per token held

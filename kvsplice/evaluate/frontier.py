@@ -30,7 +30,7 @@ from kvsplice.evaluate.frontier_config import (
     FrontierConfigError,
     FrontierProtocol,
     MethodSpec,
-    _make_peer,
+    make_peer,
     default_methods,
     quick_methods,
 )
@@ -38,7 +38,7 @@ from kvsplice.evaluate.perplexity import EvalRow, perplexity_prefill_continue, p
 
 __all__ = [
     "FrontierConfig", "FrontierConfigError", "FrontierProtocol", "MethodSpec", "default_methods", "quick_methods",
-    "pareto_flags", "run_frontier", "validate_frontier", "write_frontier_json", "POINT_KEYS",
+    "Calibration", "codec_factory", "pareto_flags", "run_frontier", "validate_frontier", "write_frontier_json", "POINT_KEYS",
 ]
 
 SHAREABLE_WARPS = ("spline", "bennett")  # warps fitted on the data alone (not on the bit budget)
@@ -58,7 +58,7 @@ def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
     return out
 
 
-class _Calibration:
+class Calibration:
     """Collects V and K once (lazily) and fits one geometry per (codec, params, target, joint)."""
 
     def __init__(self, cfg: FrontierConfig, model: Any, tokenizer: Any, log: Callable[[str], None], progress: bool) -> None:
@@ -181,7 +181,7 @@ def _for_target(s: dict[str, Any], target: str) -> dict[str, Any]:
     return s
 
 
-def _codec_factory(model: Any, s: dict[str, Any], cal: _Calibration) -> Callable[[], Any]:
+def codec_factory(model: Any, s: dict[str, Any], cal: Calibration) -> Callable[[], Any]:
     from kvsplice.allocation import allocated_codecs, per_layer_codecs
     from kvsplice.cache import CompressedCache, layer_windows, model_layout
 
@@ -253,7 +253,7 @@ def run_frontier(
     ids = tokenize(tokenizer, load_texts(cfg.eval_data) if cfg.eval_data else evaluation_text())
     p = cfg.protocol
     tokens_end = p.prefill + p.continue_tokens
-    cal = _Calibration(cfg, model, tokenizer, log, progress)
+    cal = Calibration(cfg, model, tokenizer, log, progress)
 
     def pc(make: Callable[[], Any], name: str) -> EvalRow:
         return perplexity_prefill_continue(model, ids, make, prefill=p.prefill, continue_tokens=p.continue_tokens, chunk=p.chunk,
@@ -292,12 +292,12 @@ def run_frontier(
             t0 = time.perf_counter()
             peer, exact = None, False
             if m.kind == "codec":
-                make = _codec_factory(model, s, cal)
+                make = codec_factory(model, s, cal)
                 exact = not s.get("window") and s.get("protocol") != "prefill-continue"
             elif m.kind == "prune":
                 make = lambda s=s: CompressedCache(layers, pruner=VOnlyPruner(**s))  # noqa: E731
             else:
-                peer = _make_peer(s, tokens_end)
+                peer = make_peer(s, tokens_end)
                 make = peer.cache_factory(model)
                 exact = peer.teacher_forced_exact
             setting = _setting_str(m, s, peer)

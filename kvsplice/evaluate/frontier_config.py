@@ -92,7 +92,7 @@ class MethodSpec:
             _check(self.params.get("peer") in peer_names(), f"{w}: params.peer must be one of {peer_names()}, got {self.params.get('peer')!r}")
         for s in self.settings():  # validate every setting (codec / pruner / peer parameters) up front
             if self.kind == "peer":
-                _make_peer(s, 1000)
+                make_peer(s, 1000)
             elif self.kind == "prune":
                 from kvsplice.pruning import VOnlyPruner
 
@@ -112,7 +112,7 @@ class MethodSpec:
         return [{**self.params, key: v} for v in values]
 
 
-def _make_peer(s: dict[str, Any], tokens: int) -> Any:
+def make_peer(s: dict[str, Any], tokens: int) -> Any:
     """A peer from one setting; "budget" (fraction of `tokens` kept) is translated for eviction peers."""
     from kvsplice.peers import get_peer
 

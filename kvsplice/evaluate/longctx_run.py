@@ -52,18 +52,18 @@ class Methods:
     """Builds `() -> cache` factories by method name; calibrates each codec geometry once."""
 
     def __init__(self, model: Any, tokenizer: Any, calibration: dict[str, Any] | None, log: Callable[[str], None]) -> None:
-        from kvsplice.evaluate.frontier import FrontierConfig, _Calibration
+        from kvsplice.evaluate.frontier import FrontierConfig, Calibration
 
         cfg = FrontierConfig(calibration=calibration) if calibration else FrontierConfig()
-        self.model, self.cal = model, _Calibration(cfg, model, tokenizer, log, progress=False)
+        self.model, self.cal = model, Calibration(cfg, model, tokenizer, log, progress=False)
         self.calibration = cfg.calibration
 
     def factory(self, name: str, tokens: int) -> tuple[Callable[[], Any], str]:
         """(make_cache, setting string) for method `name` on sequences of `tokens` tokens."""
         from transformers import DynamicCache
 
-        from kvsplice.evaluate.frontier import _codec_factory
-        from kvsplice.evaluate.frontier_config import _make_peer
+        from kvsplice.evaluate.frontier import codec_factory
+        from kvsplice.evaluate.frontier_config import make_peer
         from kvsplice.peers import get_peer
 
         if name not in METHODS:
@@ -73,13 +73,13 @@ class Methods:
         if kind == "baseline":
             return DynamicCache, f"DynamicCache {str(self.model.dtype).removeprefix('torch.')}"
         if kind == "codec":
-            return _codec_factory(self.model, m, self.cal), f"bits={m['bits']} K+V joint sink={m['sink']}"
+            return codec_factory(self.model, m, self.cal), f"bits={m['bits']} K+V joint sink={m['sink']}"
         if kind == "peer":
             peer = get_peer(m.pop("peer"), **m)
             return peer.cache_factory(self.model), peer.setting()
         elem = torch.finfo(self.model.dtype).bits  # eviction keeps rows in the model dtype
         bits = m.pop("bits")
-        peer = _make_peer({**m, "budget": bits / elem}, tokens)
+        peer = make_peer({**m, "budget": bits / elem}, tokens)
         return peer.cache_factory(self.model), f"{peer.setting()} (budget {bits}/{elem} of {tokens} tokens)"
 
 

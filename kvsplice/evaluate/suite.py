@@ -36,8 +36,8 @@ from typing import Any, Callable
 import torch
 
 from kvsplice.errors import KVSpliceError
-from kvsplice.evaluate.frontier import _Calibration, _codec_factory, _for_target, _setting_str, prepare_model
-from kvsplice.evaluate.frontier_config import MethodSpec, _make_peer
+from kvsplice.evaluate.frontier import Calibration, codec_factory, _for_target, _setting_str, prepare_model
+from kvsplice.evaluate.frontier_config import MethodSpec, make_peer
 from kvsplice.evaluate.perplexity import perplexity_prefill_continue, perplexity_teacher_forced
 from kvsplice.evaluate.stats import paired_block_bootstrap, spread
 from kvsplice.evaluate.suite_config import SPLITS, SuiteConfig
@@ -75,8 +75,8 @@ def git_commit(root: Path | None = None) -> dict[str, Any]:
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
-class _DrawCalibration(_Calibration):
-    """`_Calibration` on the calibration part of one domain: seed = draw, documents rotated per draw."""
+class DrawCalibration(Calibration):
+    """`Calibration` on the calibration part of one domain: seed = draw, documents rotated per draw."""
 
     def __init__(self, cfg: SuiteConfig, draw: int, model: Any, tokenizer: Any, log: Callable[[str], None]) -> None:
         from kvsplice.texts import part_documents, part_text
@@ -100,7 +100,7 @@ class _DrawCalibration(_Calibration):
         return self.collected[target]
 
 
-def _geometry_bytes(s: dict[str, Any], cal: _Calibration) -> int:
+def _geometry_bytes(s: dict[str, Any], cal: Calibration) -> int:
     if s.get("allocate"):  # each layer holds the geometry of its own bit width
         from kvsplice.allocation import allocated_state_bytes
 
@@ -188,11 +188,11 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
                            "segments": cfg.segments, "batch_size": cfg.batch_size}},
         "points": [], "summary": [], "comparisons": [], "run": {"values_per_token": vpt}}
     tokens: dict[str, torch.Tensor] = {}
-    cals: dict[int, _DrawCalibration] = {}
+    cals: dict[int, DrawCalibration] = {}
 
-    def calibration(draw: int) -> _DrawCalibration:
+    def calibration(draw: int) -> DrawCalibration:
         if draw not in cals:
-            cals[draw] = _DrawCalibration(cfg, draw, model, tokenizer, log)
+            cals[draw] = DrawCalibration(cfg, draw, model, tokenizer, log)
             result["calibration"]["draws"].append({"draw": draw, "seed": draw, "rotate_documents": cals[draw].rotate})
         return cals[draw]
 
@@ -245,13 +245,13 @@ def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = 
                     peer, geo_bytes = None, 0
                     if m.kind == "codec":
                         cal = calibration(draw)
-                        make = _codec_factory(model, s, cal)
+                        make = codec_factory(model, s, cal)
                         exact = not s.get("window") and s.get("protocol") != PC  # PC forced: equal-terms comparisons
                         geo_bytes = _geometry_bytes(s, cal)
                     elif m.kind == "prune":
                         make, exact = (lambda s=s: CompressedCache(layers, pruner=VOnlyPruner(**s))), False
                     else:
-                        peer = _make_peer(s, cfg.prefill + cfg.continue_tokens)
+                        peer = make_peer(s, cfg.prefill + cfg.continue_tokens)
                         make, exact = peer.cache_factory(model), peer.teacher_forced_exact
                     protocol = TF if exact else PC
                     setting = _setting_str(m, s, peer)
