@@ -213,3 +213,20 @@ def allocated_codecs(model: Any, alloc: Allocation, geos: dict[str, dict[float, 
 def allocated_state_bytes(alloc: Allocation, geos: dict[str, dict[float, Any]]) -> int:
     """Geometry bytes a deployment of this allocation holds: each layer's chosen codec state."""
     return sum(layer_state_bytes(geos[t][b], l) for t, bits in alloc.bits.items() for l, b in enumerate(bits))
+
+
+def allocated_geometry(alloc: Allocation, geos: dict[str, dict[float, Any]], target: str, description: str | None = None) -> Any:
+    """One Geometry for `target` whose layer l holds the codec fitted at alloc.bits[target][l] (each
+    codec keeps its own parameters in the file); meta records the allocation."""
+    import json
+
+    from kvsplice.geometry import Geometry
+
+    bits = alloc.bits[target]
+    codecs = {key: c for l, b in enumerate(bits) for key, c in geos[target][b].codecs.items() if key[0] == l}
+    meta = dict(geos[target][bits[0]].meta)
+    meta["allocation"] = json.dumps({"allocate": "sensitivity", "bits": bits, "budget_bytes_per_token": alloc.budget,
+                                     "predicted_kl": alloc.predicted_kl, **alloc.info}, sort_keys=True)
+    if description is not None:
+        meta["calibration"] = description
+    return Geometry(codecs=codecs, meta=meta)

@@ -175,6 +175,8 @@ def calibrate_recipe(
     max_batches: int | None = 4,
     seq_len: int = 1024,
     progress: bool = False,
+    allocate: str | None = None,
+    levels: list[float] | None = None,
     **calibration: Any,
 ) -> Recipe:
     """Calibrate a recipe for `model` in one call: one pass per target (K, V) over `text` (default:
@@ -182,12 +184,47 @@ def calibrate_recipe(
 
     preset: "best" or "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
     parameter only); sink: override its sink; max_batches * seq_len: calibration tokens (default
-    4 x 1024, ~20 s for SmolLM2-135M on 2 CPU cores; None: the whole text). Other keyword arguments
-    go to `kvsplice.calibrate.CalibrationConfig` (samples, fit_samples_per_dim, seed, layers, ...).
+    4 x 1024, ~20 s for SmolLM2-135M on 2 CPU cores; None: the whole text). allocate="sensitivity":
+    `bits` becomes the AVERAGE over layers and K / V, each (layer, K|V) getting its own width from
+    `levels` by a probe of its effect on the output (kvsplice/allocation.py; minutes, not seconds).
+    Other keyword arguments go to `kvsplice.calibrate.CalibrationConfig` (samples, seed, layers, ...).
     """
     cfgs = recipe_configs(preset, bits=bits, max_batches=max_batches, seq_len=seq_len, **calibration)
-    return calibrate_with(model, tokenizer, text, cfgs, sink=PRESETS[preset].sink if sink is None else sink,
-                          progress=progress)
+    sink = PRESETS[preset].sink if sink is None else sink
+    if allocate is not None:
+        return calibrate_allocated(model, tokenizer, text, cfgs, sink=sink, allocate=allocate, levels=levels, progress=progress)
+    return calibrate_with(model, tokenizer, text, cfgs, sink=sink, progress=progress)
+
+
+def calibrate_allocated(model: Any, tokenizer: Any, text: str | None, cfgs: dict, sink: int, allocate: str = "sensitivity",
+                        levels: list[float] | None = None, progress: bool = False, description: str | None = None) -> Recipe:
+    """Like `calibrate_with`, with per-(layer, K|V) bit widths from the sensitivity probe; the
+    codec's `bits` parameter is the average budget (uniform pca-q's payload at that bits)."""
+    from types import SimpleNamespace
+
+    from kvsplice.allocation import DEFAULT_LEVELS, allocated_geometry, check_allocation_params
+    from kvsplice.evaluate.frontier import Calibration
+    from kvsplice.loading import model_id
+
+    first = next(iter(cfgs.values()))
+    if "bits" not in first.codec_params:
+        raise KVSpliceError(f"allocate needs a codec with a bits budget; {first.codec!r} has params {first.codec_params}")
+    s = {"codec": first.codec, "target": "".join(t for t in ("k", "v") if t in cfgs), "joint_heads": first.joint_heads,
+         "sink": sink, **first.codec_params, "allocate": allocate, "levels": list(levels or DEFAULT_LEVELS)}
+    check_allocation_params(s, "calibrate")
+    if first.layers is not None:
+        raise KVSpliceError(f"allocate spreads the budget over every layer; got layers={list(first.layers)}: drop layers")
+    if text is None:
+        from kvsplice.texts import mix_text
+
+        text, description = mix_text()
+    keep = ("knots", "epochs", "samples", "max_batches", "seq_len", "batch_size", "seed")
+    cal = Calibration(SimpleNamespace(calibration={k: v for k, v in first.to_dict().items() if k in keep}, calibration_data=None),
+                      model, tokenizer, log=print if progress else (lambda m: None), progress=progress)
+    cal.text = text
+    alloc, geos = cal.allocation(s)
+    geo = {t: allocated_geometry(alloc, geos, t, description or "custom text") for t in cfgs}
+    return Recipe(v=geo.get("v"), k=geo.get("k"), sink=sink, model=model_id(model))
 
 
 def recipe_configs(preset: str = "best", *, codec: str | None = None, bits: float | None = None,

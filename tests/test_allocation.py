@@ -133,3 +133,49 @@ def test_frontier_allocated_setting_spends_at_most_the_uniform_payload(tmp_path)
     assert "alloc=sensitivity" in pts["pca-q-alloc"]["setting"]
     assert pts["pca-q-alloc"]["kv_bits_per_value"] <= pts["pca-q"]["kv_bits_per_value"] + 1e-9
     assert pts["pca-q-alloc"]["ppl"] > 1.0
+
+
+def test_calibrate_recipe_with_allocation_round_trips_and_generates(tmp_path):
+    import kvsplice
+    from kvsplice.loading import model_id  # noqa: F401  (the recipe records the model id)
+
+    torch.manual_seed(0)
+    model, tok = make_tiny_llama().eval(), make_byte_tokenizer()
+    recipe = kvsplice.calibrate_recipe(model, tok, TEXT, bits=3.0, allocate="sensitivity", levels=[2.0, 3.0, 4.0],
+                                       max_batches=2, seq_len=128, samples=1500)
+    alloc = json.loads(recipe.v.meta["allocation"])
+    assert set(alloc["bits"]) <= {2.0, 3.0, 4.0}
+    per_layer = {t: [geo.codecs[(l, -1)].bits for l in range(2)] for t, geo in (("k", recipe.k), ("v", recipe.v))}
+    assert per_layer["v"] == alloc["bits"]
+    spent = sum(geo.codecs[(l, -1)].payload_bytes_per_vector() for geo in (recipe.k, recipe.v) for l in range(2))
+    assert spent <= 3.0 * 2 * 2 * 16 / 8  # <= uniform 3-bit payload: 2 targets x 2 layers x 16 values
+    recipe.save(tmp_path / "r")
+    again = kvsplice.Recipe.load(tmp_path / "r", model=model)
+    assert [again.v.codecs[(l, -1)].bits for l in range(2)] == per_layer["v"]
+    ids = tok("The cache", return_tensors="pt")
+    out = model.generate(**ids, cache=again.cache(model), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.input_ids.shape[1] + 5
+    with pytest.raises(KVSpliceError, match="within levels"):
+        kvsplice.calibrate_recipe(model, tok, TEXT, bits=5.0, allocate="sensitivity", levels=[2.0, 3.0, 4.0])
+
+
+def test_calibrate_cli_allocate_writes_a_recipe_and_refuses_misuse(tmp_path, capsys):
+    from test_cli_errors import one_line_error
+
+    m = tmp_path / "m"
+    make_tiny_llama().save_pretrained(m)
+    make_byte_tokenizer().save_pretrained(m)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    base = ["calibrate", "--model", str(m), "--data", str(text), "--max-batches", "2", "--seq-len", "128", "--quiet"]
+    line = one_line_error(capsys, main([*base, "--allocate", "sensitivity", "--target", "v", "--out", str(tmp_path / "g.safetensors")]))
+    assert "K+V recipe" in line
+    line = one_line_error(capsys, main([*base, "--levels", "2", "3", "--out", str(tmp_path / "r0")]))
+    assert "--allocate" in line
+    line = one_line_error(capsys, main([*base, "--allocate", "sensitivity", "--param", "bits=7", "--out", str(tmp_path / "r0")]))
+    assert "within levels" in line
+    assert not (tmp_path / "r0").exists()  # refused before any work
+    rc = main([*base, "--allocate", "sensitivity", "--param", "bits=3", "--levels", "2", "3", "4", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    meta = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert meta and (tmp_path / "r" / "k.safetensors").exists()

@@ -51,6 +51,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--joint-heads", action=argparse.BooleanOptionalAction, default=None,
                    help="one codec per layer over all KV heads concatenated (default: the preset's, best: yes)")
     p.add_argument("--sink", type=int, default=None, help="recipe: first tokens kept exact (default: the preset's, best: 1)")
+    p.add_argument("--allocate", choices=["sensitivity"], default=None,
+                   help="K+V recipe: bits (--param bits=B) become the average; each layer's K and V get their own width "
+                        "from --levels by a probe of their effect on the output (kvsplice/allocation.py; minutes)")
+    p.add_argument("--levels", type=float, nargs="+", default=None, help="--allocate: the widths to choose from "
+                   "(default 1 1.5 2 3 4 6)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="only these layers (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -122,6 +127,14 @@ def run(args: argparse.Namespace) -> int:
             raise KVSpliceError("--dump-vectors needs one --target (v or k)")
     elif args.sink is not None:
         raise KVSpliceError("--sink is stored in a recipe (K+V); a single geometry file has none: pass --sink to eval / generate")
+    if args.allocate or args.levels:
+        from kvsplice.allocation import DEFAULT_LEVELS, check_allocation_params
+
+        c = next(iter(cfgs.values()))
+        if len(cfgs) != 2 or not args.allocate:
+            raise KVSpliceError("--allocate / --levels write a K+V recipe: give --allocate sensitivity with --target kv (the default)")
+        check_allocation_params({"allocate": args.allocate, "levels": args.levels or list(DEFAULT_LEVELS), **c.codec_params},
+                                "calibrate --allocate")
     if args.data:
         text, description = data.load_texts(args.data), "files: " + ", ".join(args.data)
     elif args.corpus == "mix":  # the default: it transfers to other text (docs/CROSS_DOMAIN.md)
@@ -134,7 +147,13 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_for(args)
     if len(cfgs) == 2:
         t0 = time.perf_counter()
-        recipe = calibrate_with(model, tokenizer, text, cfgs, sink=sink, progress=not args.quiet, description=description)
+        if args.allocate:
+            from kvsplice.api import calibrate_allocated
+
+            recipe = calibrate_allocated(model, tokenizer, text, cfgs, sink=sink, allocate=args.allocate, levels=args.levels,
+                                         progress=not args.quiet, description=description)
+        else:
+            recipe = calibrate_with(model, tokenizer, text, cfgs, sink=sink, progress=not args.quiet, description=description)
         recipe.save(args.out)
         print(f"{recipe.describe()}; {recipe.v.meta['tokens']} tokens per target; {time.perf_counter() - t0:.1f} s "
               f"-> {args.out}/ (use: kvsplice eval --recipe {args.out}; kvsplice.Recipe.load({args.out!r}))")
