@@ -51,6 +51,8 @@ def check_allocation_params(s: dict[str, Any], where: str) -> None:
     n = s.get("probe_tokens", DEFAULT_PROBE_TOKENS)
     if isinstance(n, bool) or not isinstance(n, int) or n < 16:
         raise KVSpliceError(f"{where}: probe_tokens must be an int >= 16, got {n!r}")
+    if s.get("codec") == "xpred-pca-q":
+        raise KVSpliceError(f"{where}: allocate probes one layer coded at a time; xpred-pca-q predicts each layer from the previous coded one")
     if s.get("k_bits") is not None:
         raise KVSpliceError(f"{where}: k_bits cannot be combined with allocate (the allocator picks K's bits per layer)")
     if not min(levels) <= s["bits"] <= max(levels):

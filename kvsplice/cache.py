@@ -360,8 +360,19 @@ class CompressedCache(Cache):
             )
         self.pruner, self.window, self.strategy = pruner, window, strategy
         position_aware = any(getattr(c, "position_aware", False) for c in k_codecs)
+        predictive = [l for l, cs in enumerate(zip(v_codecs, k_codecs)) if any(getattr(c, "predictive", False) for c in cs)]
+        if predictive and (pruner is not None or window or any(w is not None for w in sliding_windows)):
+            raise KVSpliceError(  # each layer must hold the same rows as the layer it is predicted from
+                "cross-layer predicted codecs (layers %s) need every layer to hold the same rows: no pruner, window 0, "
+                "no sliding-window layers; got pruner=%s, window=%d, sliding layers %s"
+                % (predictive, type(pruner).__name__ if pruner else None, window, [l for l, w in enumerate(sliding_windows) if w is not None]))
+        for name, cs in (("v_codecs", v_codecs), ("k_codecs", k_codecs)):
+            flags = [bool(getattr(c, "predictive", False)) for c in cs]
+            if any(flags) and not all(flags):
+                raise KVSpliceError(f"{name}: cross-layer prediction needs a predicted codec on every layer (each reads the previous); "
+                                    f"layers without one: {[l for l, f in enumerate(flags) if not f]}")
         # one TokenIndex for all layers: every layer sees the same tokens (stored and counted once)
-        self.tokens = TokenIndex(sink, position_aware) if (sink or position_aware) else None
+        self.tokens = TokenIndex(sink, position_aware) if (sink or position_aware or predictive) else None
         layers = [
             CompressedLayer(v, k, pruner, window, strategy, i, sink, self.tokens, w)
             for i, (v, k, w) in enumerate(zip(v_codecs, k_codecs, sliding_windows))

@@ -58,9 +58,10 @@ class AffineGroup:
 
 def affine_groups(layer_codec: Any) -> list[AffineGroup] | None:
     """The affine groups of a LayerCodec (cached on it), or None when a codec is not affine
-    (a warp) or the LayerCodec is position-aware (K coded before RoPE)."""
-    if getattr(layer_codec, "position_aware", False):
-        return None
+    (a warp), the LayerCodec is position-aware (K coded before RoPE) or predicted from the previous
+    layer (kvsplice/codecs/xpred.py: the decode adds the prediction)."""
+    if getattr(layer_codec, "position_aware", False) or getattr(layer_codec, "predictive", False):
+        return None  # pre-RoPE K: RoPE between decode and dot; cross-layer prediction: not affine in the codes
     cached = getattr(layer_codec, "_affine_groups", None)
     if cached is not None:
         return cached or None

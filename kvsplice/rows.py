@@ -44,6 +44,12 @@ class LayerCodec:
         self.codecs, self.joint = codecs, joint
         self.num_heads = num_heads if joint else len(codecs)
         self.head_dim = codecs[0].dim // self.num_heads if joint else codecs[0].dim
+        # cross-layer prediction (kvsplice/codecs/xpred.py): the previous layer's decoded rows come
+        # from `chain`, the cache's per-step record (bound by the cache's rows, never shared by caches)
+        self.predictive = getattr(codecs[0], "pred", None) is not None
+        self.chain: dict | None = None
+        if self.predictive and not joint:
+            raise CodecError(f"{codecs[0].name} predicts a layer from the previous one jointly over its KV heads: fit it with joint heads")
 
     @classmethod
     def from_geometry(cls, geometry: Any, layer: int) -> "LayerCodec | None":
@@ -73,10 +79,28 @@ class LayerCodec:
         moved = [Codec.from_state(c.state_tensors(), c.metadata()).to(device, dtype) for c in self.codecs]
         return LayerCodec(moved, self.joint, self.num_heads)
 
+    def _previous(self, B: int, n: int, newest: bool) -> torch.Tensor:
+        """Layer - 1's decoded rows (B, n, H * D) from this step's chain: its newest n rows when
+        encoding the step's new rows, all of them (exactly n) when decoding. Refuses anything else:
+        a prediction from the wrong rows would decode garbage silently."""
+        layer = self.codecs[0].layer
+        ch = self.chain
+        if ch is None:
+            raise KVSpliceError(f"layer {layer}: a cross-layer predicted codec runs only inside a CompressedCache (no chain bound)")
+        x = ch.get("x")
+        if ch.get("layer") != layer - 1 or x is None or x.shape[0] != B or (x.shape[1] < n if newest else x.shape[1] != n):
+            found = "nothing" if x is None else f"layer {ch.get('layer')} with {tuple(x.shape[:2])} (B, rows)"
+            raise KVSpliceError(f"layer {layer}: cross-layer prediction needs layer {layer - 1}'s decoded rows of this step "
+                                f"({B} sequences, {n} rows); found {found} (layers updated out of order, or rows differ between layers)")
+        return x[:, x.shape[1] - n :] if newest else x
+
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.joint:
             B, H, T, D = x.shape
-            return {k: v.unsqueeze(1) for k, v in self.codecs[0].encode(x.transpose(1, 2).reshape(B, T, H * D)).items()}
+            flat = x.transpose(1, 2).reshape(B, T, H * D)
+            if self.predictive and self.codecs[0].layer > 0:  # code the residual of the prediction
+                flat = flat.float() - self.codecs[0].predict(self._previous(B, T, newest=True))
+            return {k: v.unsqueeze(1) for k, v in self.codecs[0].encode(flat).items()}
         per_head = [c.encode(x[:, h]) for h, c in enumerate(self.codecs)]
         return {k: torch.stack([p[k] for p in per_head], dim=1) for k in per_head[0]}
 
@@ -84,6 +108,11 @@ class LayerCodec:
         if self.joint:
             y = self.codecs[0].decode({k: v[:, 0] for k, v in payload.items()})  # (B, T, H * D)
             B, T, _ = y.shape
+            if self.predictive:
+                if self.codecs[0].layer > 0:
+                    y = y + self.codecs[0].predict(self._previous(B, T, newest=False))
+                self.chain.clear()  # the next layer predicts from these rows (one layer held at a time)
+                self.chain.update(layer=self.codecs[0].layer, x=y)
             return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         return torch.stack([c.decode({k: v[:, h] for k, v in payload.items()}) for h, c in enumerate(self.codecs)], 1)
 
@@ -120,6 +149,9 @@ class TokenIndex:
         self.reset()
 
     def reset(self) -> None:
+        self.chains: dict[str, dict] = getattr(self, "chains", {})  # cross-layer prediction: {"K"|"V": this step's last decoded layer}
+        for ch in self.chains.values():
+            ch.clear()
         self.length = 0
         self.positions: torch.Tensor | None = None  # (B, S) int32
         self.span: tuple[int, int] | None = None  # (min, max) of every position seen (host ints, no device sync)
@@ -168,6 +200,8 @@ class TokenIndex:
 
     def crop_to(self, length: int) -> None:
         """Forget rows from `length` on (idempotent: every layer calls it after its own crop)."""
+        for ch in self.chains.values():
+            ch.clear()
         if length >= self.length:
             return
         self.length, self._last = length, None
@@ -179,6 +213,8 @@ class TokenIndex:
         if self.positions is not None:
             self.positions, self.sink_rows = fn(self.positions), fn(self.sink_rows)
         self._last = None
+        for ch in self.chains.values():
+            ch.clear()
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.positions, self.sink_rows) if t is not None)
@@ -232,7 +268,7 @@ class _Rows:
     def __init__(self, codec: LayerCodec | None, window: int, sink: int = 0, tokens: TokenIndex | None = None) -> None:
         self.codec, self.window, self.sink, self.tokens = codec, window, sink, tokens
         self.position_aware = getattr(codec, "position_aware", False)
-        if (self.position_aware or (sink and codec is not None)) and tokens is None:
+        if (self.position_aware or (sink and codec is not None) or getattr(codec, "predictive", False)) and tokens is None:
             raise KVSpliceError("internal: rows with a sink or a pre-RoPE K codec need a TokenIndex")
         self.payload: dict[str, torch.Tensor] | None = None  # {name: (B, H', P, *)}
         self.raw: torch.Tensor | None = None  # (B, H, R, D)
@@ -242,6 +278,8 @@ class _Rows:
         if self.codec is not None:
             self.codec.check(like.shape[1], like.shape[3], what)
             self.codec = self.codec.to(like.device, like.dtype)
+            if self.codec.predictive:  # one chain per cache and target, shared by its layers
+                self.codec.chain = self.tokens.chains.setdefault(what, {})
         self.payload, self.raw = None, like[:, :, :0]
         B, H, _, D = like.shape
         self.head = like.new_zeros(B, H, self.sink, D) if self.sink and self.codec is not None else None

@@ -5,6 +5,6 @@ import line here.
 """
 
 from kvsplice.codecs.base import CODECS, Codec, codec_names, get_codec, register
-from kvsplice.codecs import identity, pca, robust, rotated, spline_pca, transform, uniform  # noqa: F401  (registration)
+from kvsplice.codecs import identity, pca, robust, rotated, spline_pca, transform, uniform, xpred  # noqa: F401  (registration)
 
 __all__ = ["CODECS", "Codec", "codec_names", "get_codec", "register"]

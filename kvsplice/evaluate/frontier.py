@@ -118,6 +118,17 @@ class Calibration:
             # the seed spline inside a transform coder: train it like the seed's spline-pca rows
             codec_params.setdefault("warp_params", {k: self.cfg.calibration[k] for k in ("epochs", "knots") if k in self.cfg.calibration})
         key = json.dumps([s["codec"], target, joint, s.get("k"), codec_params], sort_keys=True)
+        if key not in self.geometries and s["codec"] == "xpred-pca-q":  # every layer on the same tokens, fitted in order
+            from kvsplice.codecs.xpred import fit_xpred_geometry
+
+            t0 = time.perf_counter()
+            c = self.cfg.calibration
+            meta = {"model": model_id(self.model), "calibration": "files" if self.cfg.calibration_data else describe_default("calibration")}
+            self.geometries[key] = fit_xpred_geometry(self.model, self.tokenizer, self._text(), target, codec_params,
+                                                      windows=int(c.get("max_batches") or 4) * int(c.get("batch_size", 1)),
+                                                      seq_len=int(c.get("seq_len", 1024)), meta=meta)
+            self.info.setdefault("fit_seconds", {})[key] = round(time.perf_counter() - t0, 2)
+            self.log(f"fitted xpred-pca-q {target.upper()} {codec_params} in {time.perf_counter() - t0:.1f} s")
         if key not in self.geometries:
             col = self._collect(target)
             ccfg = CalibrationConfig.from_dict({**self.cfg.calibration, "codec": s["codec"], "rank": int(s.get("k", 1)),

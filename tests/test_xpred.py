@@ -1,0 +1,154 @@
+"""Cross-layer prediction (kvsplice/codecs/xpred.py, issue 13 lever 2) on a tiny random Llama: the
+closed-loop fit lowers the coding error; a cache fed token by token gives the logits of one forward
+(each row's code depends only on its own token); near-lossless bits approach DynamicCache; state
+round-trips through a geometry file; every unsafe use is refused (window, pruner, a layer without
+the predicted codec, rows that do not line up, coded attention falls back to decoding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_byte_tokenizer, make_tiny_llama
+from transformers import DynamicCache
+
+from kvsplice.cache import CompressedCache
+from kvsplice.codecs import get_codec
+from kvsplice.codecs.xpred import capture_all_layers, fit_xpred_geometry
+from kvsplice.errors import KVSpliceError
+from kvsplice.geometry import load_geometry, save_geometry
+
+TEXT = "The quick brown fox jumps over the lazy dog. A cache holds keys and values for later queries. " * 40
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    model, tok = make_tiny_llama().eval(), make_byte_tokenizer()
+    geos = {(t, b): fit_xpred_geometry(model, tok, TEXT, t, {"bits": b}, windows=3, seq_len=128) for t in ("k", "v") for b in (3.0, 8.0)}
+    return model, tok, geos
+
+
+def _ids(tok, n=48):
+    return tok(TEXT[200:], return_tensors="pt").input_ids[:, :n]
+
+
+def _chunked(model, ids, cache, chunks):
+    out, s = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(ids[:, s : s + n], cache=cache, use_cache=True).logits)
+            s += n
+    return torch.cat(out, 1)
+
+
+def test_prediction_lowers_the_coding_error_of_a_held_out_window(fitted):
+    model, tok, geos = fitted
+    X = capture_all_layers(model, tok, TEXT[3000:], "v", 1, 128)
+    geo = geos[("v", 3.0)]
+    plain_err = pred_err = 0.0
+    prev = None
+    for l in range(2):
+        x, c = X[l], geo.codecs[(l, -1)]
+        pred = torch.zeros_like(x) if prev is None else c.predict(prev)
+        dec = pred + c.decode(c.encode(x - pred))
+        pred_err += float((dec - x).pow(2).sum())
+        p = get_codec("pca-q", bits=3.0).fit(capture_all_layers(model, tok, TEXT, "v", 3, 128)[l])
+        plain_err += float((p.decode(p.encode(x)) - x).pow(2).sum())
+        prev = dec
+    assert pred_err < plain_err
+
+
+def test_token_by_token_equals_one_forward_and_high_bits_approach_dynamic_cache(fitted):
+    model, tok, geos = fitted
+    ids = _ids(tok)
+    for bits in (3.0, 8.0):
+        make = lambda: CompressedCache.from_geometry(model, geos[("v", bits)], geos[("k", bits)], sink=1)  # noqa: E731
+        one = _chunked(model, ids, make(), [48])
+        steps = _chunked(model, ids, make(), [20, 1, 1, 5, 1, 20])
+        torch.testing.assert_close(steps, one, atol=2e-4, rtol=0)
+    ref = _chunked(model, ids, DynamicCache(), [48])
+    assert float((one - ref).abs().max()) < 0.05  # 8 bits: near lossless
+
+
+def test_geometry_round_trip_and_generate(fitted, tmp_path):
+    model, tok, geos = fitted
+    for t in ("k", "v"):
+        save_geometry(tmp_path / f"{t}.safetensors", geos[(t, 3.0)])
+    v, k = (load_geometry(tmp_path / f"{t}.safetensors") for t in ("v", "k"))
+    assert torch.equal(v.codecs[(1, -1)].pred, geos[("v", 3.0)].codecs[(1, -1)].pred)
+    ids = _ids(tok, 16)
+    a = _chunked(model, ids, CompressedCache.from_geometry(model, v, k, sink=1), [16])
+    b = _chunked(model, ids, CompressedCache.from_geometry(model, geos[("v", 3.0)], geos[("k", 3.0)], sink=1), [16])
+    torch.testing.assert_close(a, b)
+    out = model.generate(ids, cache=CompressedCache.from_geometry(model, v, k, sink=1), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 20
+
+
+def test_unsafe_uses_are_refused(fitted):
+    model, tok, geos = fitted
+    v = geos[("v", 3.0)]
+    with pytest.raises(KVSpliceError, match="same rows"):
+        CompressedCache.from_geometry(model, v, window=4)
+    from kvsplice.cache import LayerCodec
+
+    lcs = [LayerCodec.from_geometry(v, 0), None]
+    with pytest.raises(KVSpliceError, match="every layer"):
+        CompressedCache(2, v_codecs=lcs)
+    lc = LayerCodec.from_geometry(v, 1)  # a layer-1 codec alone has no previous layer to read
+    with pytest.raises(KVSpliceError, match="chain"):
+        lc.encode(torch.randn(1, 2, 3, 8))
+    lc.chain = {"layer": 0, "x": torch.randn(1, 5, 16)}
+    with pytest.raises(KVSpliceError, match="rows"):
+        lc.decode(lc.encode(torch.randn(1, 2, 3, 8)))  # decode needs exactly the payload's 3 rows, chain has 5
+    from kvsplice.coded_attention import affine_groups
+
+    assert affine_groups(LayerCodec.from_geometry(v, 1)) is None  # coded attention decodes instead
+
+
+TOML = """
+model = "{model}"
+[calibration]
+samples = 1500
+max_batches = 2
+seq_len = 128
+[protocol]
+prefill = 100
+continue_tokens = 30
+segments = 1
+batch_size = 1
+tf_window = 128
+tf_windows = 1
+
+[[methods]]
+name = "pca-q"
+kind = "codec"
+sweep = {{ bits = [3.0] }}
+params = {{ codec = "pca-q", target = "kv", joint_heads = true, sink = 1 }}
+
+[[methods]]
+name = "xpred"
+kind = "codec"
+sweep = {{ bits = [3.0] }}
+params = {{ codec = "xpred-pca-q", target = "kv", joint_heads = true, sink = 1 }}
+"""
+
+
+def test_frontier_runs_xpred_at_the_same_payload_and_counts_its_maps(tmp_path):
+    import json
+
+    from kvsplice.cli import main
+
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(TOML.format(model=folder), encoding="utf-8")
+    out = tmp_path / "f.json"
+    assert main(["frontier", "--config", str(cfg), "--json", str(out), "--quiet", "--threads", "1"]) == 0
+    pts = {q["method"]: q for q in json.loads(out.read_text())["points"]}
+    assert pts["xpred"]["kv_bits_per_value"] == pts["pca-q"]["kv_bits_per_value"]  # same payload per token
+    assert pts["xpred"]["ppl"] > 1.0
+    with pytest.raises(KVSpliceError, match="xpred"):
+        from kvsplice.allocation import check_allocation_params
+
+        check_allocation_params({"codec": "xpred-pca-q", "allocate": "sensitivity", "bits": 2.0}, "m")
