@@ -275,8 +275,17 @@ def calibrate_with(model: Any, tokenizer: Any, text: str | None, cfgs: dict, sin
         from kvsplice.texts import mix_text
 
         text, description = mix_text()
+    from kvsplice.calibrate import collect_targets
+
+    def sampling(c: Any) -> dict:  # what decides the sampled vectors (not the codec)
+        return {k: v for k, v in c.to_dict().items() if k not in ("codec", "rank", "knots", "epochs", "codec_params",
+                                                                   "fit_samples_per_dim", "target", "joint_heads")}
+
+    collected = {}
+    if len(cfgs) == 2 and sampling(cfgs["k"]) == sampling(cfgs["v"]):  # K and V in one pass over the text
+        collected = collect_targets(model, tokenizer, text, cfgs["v"], ("k", "v"), progress)
     geos = {t: run_calibration(model, tokenizer, text, cfg, description=description or "custom text",
-                               progress=progress).geometry for t, cfg in cfgs.items()}
+                               progress=progress, collected=collected.get(t)).geometry for t, cfg in cfgs.items()}
     return Recipe(v=geos.get("v"), k=geos.get("k"), sink=sink, model=model_id(model))
 
 

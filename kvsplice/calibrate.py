@@ -196,6 +196,16 @@ class Collected:
 
 def collect_layer_vectors(model, tokenizer, text: str, cfg: CalibrationConfig, progress: bool = True) -> Collected:
     """Run the calibration text through `model` and reservoir-sample V (or K) per layer."""
+    return collect_targets(model, tokenizer, text, cfg, (cfg.target,), progress)[cfg.target]
+
+
+def collect_targets(model, tokenizer, text: str, cfg: CalibrationConfig, targets: tuple[str, ...] = ("k", "v"),
+                    progress: bool = True) -> dict[str, Collected]:
+    """One pass over the calibration text for every target in `targets` (K and V together: half the
+    forwards of one pass per target). Each target's reservoirs use the same seeds as a pass of its
+    own, so the samples equal `collect_layer_vectors` with that target (tests/test_calibrate.py)."""
+    import contextlib
+
     from tqdm.auto import tqdm
 
     adapter = get_adapter(model)
@@ -204,6 +214,8 @@ def collect_layer_vectors(model, tokenizer, text: str, cfg: CalibrationConfig, p
     capacity = cfg.samples // H
     if capacity < 1:
         raise KVSpliceError(f"samples={cfg.samples} keeps no token for {H} KV heads; expected samples >= {H}")
+    if not targets or any(t not in ("k", "v") for t in targets) or len(set(targets)) != len(targets):
+        raise KVSpliceError(f"targets must be distinct entries of ('k', 'v'), got {targets!r}")
     ids = tokenize(tokenizer, text)
     wins = windows(with_bos(ids, cfg.seq_len, bos_id(tokenizer)), cfg.seq_len)  # BOS first when the tokenizer adds one
     batches = [torch.stack(wins[i : i + cfg.batch_size]) for i in range(0, len(wins), cfg.batch_size)]
@@ -211,22 +223,31 @@ def collect_layer_vectors(model, tokenizer, text: str, cfg: CalibrationConfig, p
         batches = batches[: cfg.max_batches]
     if not batches:
         raise KVSpliceError("calibration text gave no tokens")
-    reservoirs = {l: _Reservoir(capacity, cfg.seed * 1_000_003 + l) for l in layers}
+    reservoirs = {t: {l: _Reservoir(capacity, cfg.seed * 1_000_003 + l) for l in layers} for t in targets}
     last = layers[-1]
+    pending: set[str] = set()  # targets still to see the last layer in this forward
     device = input_device(model)
 
-    def sink(layer: int, x: torch.Tensor) -> None:
-        # x: (B, H, T, D) -> (B*T, H, D) on CPU, float32
-        reservoirs[layer].add(x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3]).to("cpu", torch.float32))
-        if layer == last:
-            raise _StopForward
+    def make_sink(t: str):
+        def sink(layer: int, x: torch.Tensor) -> None:
+            # x: (B, H, T, D) -> (B*T, H, D) on CPU, float32
+            reservoirs[t][layer].add(x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3]).to("cpu", torch.float32))
+            if layer == last:
+                pending.discard(t)
+                if not pending:  # every target has its last layer: skip the rest of the model
+                    raise _StopForward
+        return sink
 
     tokens = 0
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        with adapter.capture(cfg.target, sink=sink, layers=layers), torch.no_grad():
-            for batch in tqdm(batches, desc=f"calibrate {cfg.target.upper()}", unit="batch", disable=not progress):
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for t in targets:
+                stack.enter_context(adapter.capture(t, sink=make_sink(t), layers=layers))
+            label = "+".join(t.upper() for t in targets)
+            for batch in tqdm(batches, desc=f"calibrate {label}", unit="batch", disable=not progress):
+                pending.update(targets)
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
@@ -234,7 +255,7 @@ def collect_layer_vectors(model, tokenizer, text: str, cfg: CalibrationConfig, p
                 tokens += batch.numel()
     finally:
         model.train(was_training)
-    return Collected({l: r.result() for l, r in reservoirs.items()}, tokens, len(batches), cfg.target)
+    return {t: Collected({l: r.result() for l, r in reservoirs[t].items()}, tokens, len(batches), t) for t in targets}
 
 
 def split_heads(collected: Collected, joint_heads: bool) -> dict[tuple[int, int], torch.Tensor]:
@@ -328,15 +349,19 @@ def run_calibration(
     description: str = "custom text",
     dump_vectors: str | os.PathLike | None = None,
     progress: bool = True,
+    collected: Collected | None = None,
 ) -> CalibrationResult:
     """Collect + fit, with timings. `description` names the calibration text in the geometry's
-    meta; `dump_vectors` also writes the collected vectors (see `save_vectors`)."""
+    meta; `dump_vectors` also writes the collected vectors (see `save_vectors`); `collected`: vectors
+    already sampled with this cfg (one K+V pass, `collect_targets`), then nothing is collected here."""
     from kvsplice.loading import model_id
 
     adapter = get_adapter(model)
     cfg.codec_kwargs()  # unknown codec -> error before any compute
     t0 = time.perf_counter()
-    col = collect_layer_vectors(model, tokenizer, text, cfg, progress)
+    if collected is not None and collected.target != cfg.target:
+        raise KVSpliceError(f"run_calibration: collected {collected.target.upper()} vectors for a {cfg.target.upper()} config")
+    col = collected if collected is not None else collect_layer_vectors(model, tokenizer, text, cfg, progress)
     collect_seconds = time.perf_counter() - t0
     if dump_vectors is not None:
         save_vectors(dump_vectors, col, meta={"model": model_id(model), "calibration": description})

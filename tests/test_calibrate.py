@@ -258,3 +258,21 @@ def test_real_smollm2_calibrates_two_layers():
     assert geo.meta["vectors_per_head"] == "500" and geo.meta["fit_vectors_per_codec"] == "400"
     assert all(c.dim == 64 and c.latent_dim == 8 for c in geo.codecs.values())
     assert _hook_count(model) == 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_one_pass_for_k_and_v_equals_one_pass_each(fixture, request):
+    """collect_targets(("k", "v")) runs the text once; the samples equal two single-target passes
+    (same reservoir seeds, same stream), with a budget that forces replacement."""
+    from kvsplice.calibrate import collect_targets
+
+    model, tok = request.getfixturevalue(fixture)
+    cfg = CalibrationConfig(samples=60, seq_len=32, max_batches=3, batch_size=2, seed=3)
+    both = collect_targets(model, tok, TEXT, cfg, ("k", "v"), progress=False)
+    for t in ("k", "v"):
+        single = collect_layer_vectors(model, tok, TEXT, CalibrationConfig(**{**cfg.to_dict(), "target": t, "layers": None}), progress=False)
+        assert both[t].target == t and both[t].tokens == single.tokens
+        for l, x in single.layers.items():
+            assert torch.equal(both[t].layers[l], x)
+    with pytest.raises(KVSpliceError, match="targets"):
+        collect_targets(model, tok, TEXT, cfg, ("k", "k"), progress=False)

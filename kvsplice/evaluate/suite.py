@@ -86,18 +86,7 @@ class DrawCalibration(Calibration):
         self.text = part_text(cfg.calibration_domain, "calibration", rotate=self.rotate)
         ns = SimpleNamespace(calibration={**cfg.calibration, "seed": draw}, calibration_data=[f"{cfg.calibration_domain}:calibration"])
         super().__init__(ns, model, tokenizer, log, progress=False)
-        self.draw = draw
-
-    def _collect(self, target: str) -> Any:
-        if target not in self.collected:
-            from kvsplice.calibrate import CalibrationConfig, collect_layer_vectors
-
-            ccfg = CalibrationConfig.from_dict({**self.cfg.calibration, "target": target})
-            t0 = time.perf_counter()
-            self.collected[target] = collect_layer_vectors(self.model, self.tokenizer, self.text, ccfg, progress=False)
-            self.info[f"collect_{target}_seconds"] = round(time.perf_counter() - t0, 2)
-            self.log(f"draw {self.draw}: collected {target.upper()} ({self.collected[target].tokens} tokens)")
-        return self.collected[target]
+        self.draw = draw  # collection: Calibration._collect on self.text (K and V in one pass)
 
 
 def _geometry_bytes(s: dict[str, Any], cal: Calibration) -> int:
