@@ -282,7 +282,7 @@ def calibrate_with(model: Any, tokenizer: Any, text: str | None, cfgs: dict, sin
                                                                    "fit_samples_per_dim", "target", "joint_heads")}
 
     collected = {}
-    if len(cfgs) == 2 and sampling(cfgs["k"]) == sampling(cfgs["v"]):  # K and V in one pass over the text
+    if len(cfgs) == 2 and sampling(cfgs["k"]) == sampling(cfgs["v"]) and cfgs["v"].codec != "xpred-pca-q":  # one pass for K and V
         collected = collect_targets(model, tokenizer, text, cfgs["v"], ("k", "v"), progress)
     geos = {t: run_calibration(model, tokenizer, text, cfg, description=description or "custom text",
                                progress=progress, collected=collected.get(t)).geometry for t, cfg in cfgs.items()}

@@ -359,6 +359,8 @@ def run_calibration(
     adapter = get_adapter(model)
     cfg.codec_kwargs()  # unknown codec -> error before any compute
     t0 = time.perf_counter()
+    if cfg.codec == "xpred-pca-q":  # every layer on the same tokens, fitted in order (kvsplice/codecs/xpred.py)
+        return _run_xpred(model, tokenizer, text, cfg, description, progress)
     if collected is not None and collected.target != cfg.target:
         raise KVSpliceError(f"run_calibration: collected {collected.target.upper()} vectors for a {cfg.target.upper()} config")
     col = collected if collected is not None else collect_layer_vectors(model, tokenizer, text, cfg, progress)
@@ -377,6 +379,21 @@ def run_calibration(
     fit_seconds: dict[tuple[int, int], float] = {}
     geometry = fit_geometry(split_heads(col, cfg.joint_heads), cfg, meta, fit_seconds)
     return CalibrationResult(geometry, collect_seconds, fit_seconds)
+
+
+def _run_xpred(model, tokenizer, text: str, cfg: CalibrationConfig, description: str, progress: bool) -> CalibrationResult:
+    from kvsplice.codecs.xpred import fit_xpred_geometry
+    from kvsplice.loading import model_id
+
+    if not cfg.joint_heads or cfg.layers is not None:
+        raise KVSpliceError("xpred-pca-q predicts each layer from the previous one jointly over its KV heads: "
+                            f"it needs joint_heads (--joint-heads) and every layer; got joint_heads={cfg.joint_heads}, layers={cfg.layers}")
+    t0 = time.perf_counter()
+    windows = (cfg.max_batches or 4) * cfg.batch_size
+    meta = {"model": model_id(model), "model_type": str(model.config.model_type), "calibration": description}
+    geometry = fit_xpred_geometry(model, tokenizer, text, cfg.target, dict(cfg.codec_params), windows=windows,
+                                  seq_len=cfg.seq_len, meta=meta)
+    return CalibrationResult(geometry, time.perf_counter() - t0, {})
 
 
 def calibrate(

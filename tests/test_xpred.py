@@ -152,3 +152,27 @@ def test_frontier_runs_xpred_at_the_same_payload_and_counts_its_maps(tmp_path):
         from kvsplice.allocation import check_allocation_params
 
         check_allocation_params({"codec": "xpred-pca-q", "allocate": "sensitivity", "bits": 2.0}, "m")
+
+
+def test_recipe_api_and_cli_fit_xpred_on_aligned_rows(tmp_path):
+    import json
+
+    import kvsplice
+    from kvsplice.cli import main
+
+    torch.manual_seed(0)
+    model, tok = make_tiny_llama().eval(), make_byte_tokenizer()
+    recipe = kvsplice.calibrate_recipe(model, tok, TEXT, codec="xpred-pca-q", bits=3.0, max_batches=3, seq_len=128)
+    assert recipe.v.codecs[(1, -1)].name == "xpred-pca-q" and bool(recipe.v.codecs[(1, -1)].pred.abs().sum() > 0)
+    ids = _ids(tok, 16)
+    out = model.generate(ids, cache=recipe.cache(model), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 19
+    m = tmp_path / "m"
+    model.save_pretrained(m)
+    tok.save_pretrained(m)
+    (tmp_path / "t.txt").write_text(TEXT)
+    base = ["calibrate", "--model", str(m), "--data", str(tmp_path / "t.txt"), "--codec", "xpred-pca-q", "--param", "bits=3",
+            "--max-batches", "2", "--seq-len", "128", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert main([*base, "--no-joint-heads", "--out", str(tmp_path / "r2")]) == 2  # one-line error: joint heads needed
