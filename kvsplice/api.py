@@ -12,7 +12,8 @@
 
 A recipe is the V geometry, the K geometry (either may be absent) and the number of exact sink tokens:
 exactly what `CompressedCache.from_geometry` needs. Presets (`PRESETS`): "best" (the best measured
-recipe, README section 3) and "seed" (the seed's Spline->PCA, V only, rank 16, per head).
+recipe at ~4 bits), "low-bit" (the best at 2 bits: cross-layer prediction, kvsplice/codecs/xpred.py)
+and "seed" (the seed's Spline->PCA, V only, rank 16, per head).
 
 This module imports neither torch nor transformers at import time (`import kvsplice` stays light).
 """
@@ -56,6 +57,8 @@ class Preset:
 PRESETS = {
     # README section 3: +0.35..0.67 % perplexity at 4.04 bits per cached value on SmolLM2-135M
     "best": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 8),
+    # issue 13's best live recipe at 2 bits: cross-layer prediction + pca-q on the residual (docs/RESULTS.md)
+    "low-bit": Preset("xpred-pca-q", {"bits": 2}, None, ("k", "v"), True, 1, 8),
     # the seed document's Spline->PCA: V only, 64 -> 16 dims, one codec per (layer, head)
     "seed": Preset("spline-pca", {}, 16, ("v",), False, 0, None),
 }
@@ -182,7 +185,7 @@ def calibrate_recipe(
     """Calibrate a recipe for `model` in one call: one pass per target (K, V) over `text` (default:
     the calibration split of pydoc_data.topics), a codec fitted per layer -> Recipe.
 
-    preset: "best" or "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
+    preset: "best", "low-bit" or "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
     parameter only); sink: override its sink; max_batches * seq_len: calibration tokens (default
     4 x 1024, ~20 s for SmolLM2-135M on 2 CPU cores; None: the whole text). allocate="sensitivity":
     `bits` becomes the AVERAGE over layers and K / V, each (layer, K|V) getting its own width from

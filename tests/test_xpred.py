@@ -176,3 +176,19 @@ def test_recipe_api_and_cli_fit_xpred_on_aligned_rows(tmp_path):
     assert main([*base, "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())
     assert main([*base, "--no-joint-heads", "--out", str(tmp_path / "r2")]) == 2  # one-line error: joint heads needed
+
+
+def test_low_bit_preset_is_xpred_two_bits_and_one_flag_away(tmp_path):
+    from kvsplice.api import PRESETS, recipe_configs
+    from kvsplice.cli import main
+
+    cfgs = recipe_configs("low-bit")
+    assert set(cfgs) == {"k", "v"} and all(c.codec == "xpred-pca-q" and c.codec_params == {"bits": 2} and c.joint_heads for c in cfgs.values())
+    assert PRESETS["low-bit"].sink == 1
+    m = tmp_path / "m"
+    make_tiny_llama().save_pretrained(m)
+    make_byte_tokenizer().save_pretrained(m)
+    (tmp_path / "t.txt").write_text(TEXT)
+    rc = main(["calibrate", "--model", str(m), "--data", str(tmp_path / "t.txt"), "--preset", "low-bit", "--param", "bits=3",
+               "--max-batches", "2", "--seq-len", "128", "--quiet", "--out", str(tmp_path / "r")])
+    assert rc == 0 and (tmp_path / "r" / "v.safetensors").exists()

@@ -30,8 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", choices=["mix", "docs"], default="mix",
                    help="calibration text when no --data: mix (default) = the calibration parts of docs, code and prose "
                         "interleaved (kvsplice/texts.py; prose needs `make texts`); docs = pydoc_data.topics only")
-    p.add_argument("--preset", choices=["best", "seed"], default="best",
-                   help="best (default): pca-q 4-bit, joint heads, K+V, sink 1; seed: spline-pca rank 16, per head, V only")
+    p.add_argument("--preset", choices=["best", "low-bit", "seed"], default="best",
+                   help="best (default): pca-q 4-bit, joint heads, K+V, sink 1; low-bit: xpred-pca-q 2-bit (cross-layer "
+                        "prediction), K+V, sink 1; seed: spline-pca rank 16, per head, V only")
     p.add_argument("--codec", default=None, help="codec registry name (default: the preset's, pca-q / spline-pca)")
     p.add_argument("--rank", type=int, default=None,
                    help="latent dimensions k per vector, for codecs that have a rank (seed preset: 16); an error for pca-q")
