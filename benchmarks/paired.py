@@ -5,7 +5,8 @@ perplexity vs B's with the paired block-bootstrap 95 % CI and a verdict for A (w
     python benchmarks/paired.py docs/results/levers-dev.json --a pca-q-alloc --b pca-q --out docs/results/levers-dev-paired.json
 
 A and B are method names; points are matched on (domain, protocol, draw, the setting's budget:
-the first `bits=...` / `budget=...` token of the setting).
+the first `bits=...` / `budget=...` token of the setting), or with --b-setting on (domain, protocol,
+draw) against B's setting that contains the given text (equal-bytes pairs across budgets).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main() -> None:
     ap.add_argument("suite_json")
     ap.add_argument("--a", required=True, help="method A (reported: A vs B)")
     ap.add_argument("--b", required=True, help="method B")
+    ap.add_argument("--b-setting", default=None, metavar="TEXT",
+                    help="pair every A point with B's point whose setting contains TEXT (e.g. 'bits=3.0': equal bytes) "
+                         "instead of B's point at A's own budget")
     ap.add_argument("--out", required=True)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--resamples", type=int, default=2000)
@@ -38,8 +42,12 @@ def main() -> None:
     check_outputs({"suite_json": [str(src), str(src.with_suffix(".tokens.safetensors"))]}, {"--out": args.out})
     d = json.loads(src.read_text())
     tokens = load_file(str(src.with_suffix(".tokens.safetensors")))
-    key = lambda q: (q["domain"], q["protocol"], q["draw"], _budget(q["setting"]))  # noqa: E731
-    bs = {key(q): q for q in d["points"] if q["method"] == args.b}
+    if args.b_setting is None:
+        key = lambda q: (q["domain"], q["protocol"], q["draw"], _budget(q["setting"]))  # noqa: E731
+        bs = {key(q): q for q in d["points"] if q["method"] == args.b}
+    else:
+        key = lambda q: (q["domain"], q["protocol"], q["draw"])  # noqa: E731
+        bs = {key(q): q for q in d["points"] if q["method"] == args.b and args.b_setting in q["setting"]}
     rows = []
     for qa in (q for q in d["points"] if q["method"] == args.a):
         qb = bs.get(key(qa))
