@@ -109,7 +109,8 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         # a sliding layer has dropped rows a crop would need back (transformers' sliding layer refuses too)
         self.is_croppable = pruner is None and window == 0 and sliding_window is None
         position_aware = getattr(k_codec, "position_aware", False)
-        self.own_tokens = tokens is None and (position_aware or sink > 0)  # a layer used on its own
+        predictive = any(getattr(c, "predictive", False) for c in (v_codec, k_codec))
+        self.own_tokens = tokens is None and (position_aware or sink > 0 or predictive)  # a layer used on its own
         self.tokens = TokenIndex(sink, position_aware) if self.own_tokens else tokens
         # pruning with a joint codec: one row set shared by the layer's heads (a joint payload row
         # holds every head of a token)

@@ -111,6 +111,8 @@ class LayerCodec:
             if self.predictive:
                 if self.codecs[0].layer > 0:
                     y = y + self.codecs[0].predict(self._previous(B, T, newest=False))
+                elif self.chain is None:
+                    raise KVSpliceError("layer 0: a cross-layer predicted codec runs only inside a CompressedCache (no chain bound)")
                 self.chain.clear()  # the next layer predicts from these rows (one layer held at a time)
                 self.chain.update(layer=self.codecs[0].layer, x=y)
             return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)

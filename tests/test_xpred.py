@@ -192,3 +192,44 @@ def test_low_bit_preset_is_xpred_two_bits_and_one_flag_away(tmp_path):
     rc = main(["calibrate", "--model", str(m), "--data", str(tmp_path / "t.txt"), "--preset", "low-bit", "--param", "bits=3",
                "--max-batches", "2", "--seq-len", "128", "--quiet", "--out", str(tmp_path / "r")])
     assert rc == 0 and (tmp_path / "r" / "v.safetensors").exists()
+
+
+def test_exact_on_four_layers_batch_two_and_rows_decode_from_payloads_alone():
+    """Three prediction links, GQA, batch 2: token by token == one forward (to float noise), and a
+    fresh cache given only the stored payloads decodes exactly the rows attention read."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model, tok = LlamaForCausalLM(cfg).eval(), make_byte_tokenizer()
+    geo = {t: fit_xpred_geometry(model, tok, TEXT, t, {"bits": 2.0}, windows=4, seq_len=128) for t in ("k", "v")}
+    assert bool(geo["v"].codecs[(3, -1)].pred.abs().sum() > 0)
+    make = lambda: CompressedCache.from_geometry(model, geo["v"], geo["k"], sink=1)  # noqa: E731
+    ids = torch.cat([_ids(tok, 40), tok(TEXT[900:], return_tensors="pt").input_ids[:, :40]])  # (2, 40)
+    one = _chunked(model, ids, make(), [40])
+    steps = _chunked(model, ids, make(), [1] * 40)
+    torch.testing.assert_close(steps, one, atol=1e-5, rtol=0)
+    assert float((one - _chunked(model, ids, DynamicCache(), [40])).abs().max()) > 1e-3  # 2 bits does change the logits
+    c = make()
+    _chunked(model, ids, c, [40])
+    read = [(layer.k_rows.read(), layer.v_rows.read()) for layer in c.layers]
+    d = make()
+    _chunked(model, ids[:, :1], d, [1])  # initialise, then give it only the payloads, sink rows and positions
+    for src, dst in zip(c.layers, d.layers):
+        for r in ("k_rows", "v_rows"):
+            a, b = getattr(src, r), getattr(dst, r)
+            b.payload, b.raw, b.head = {k: v.clone() for k, v in a.payload.items()}, a.raw.clone(), a.head.clone()
+        dst.length = src.length
+    d.tokens.positions, d.tokens.sink_rows = c.tokens.positions.clone(), c.tokens.sink_rows.clone()
+    d.tokens.length, d.tokens.span = c.tokens.length, c.tokens.span
+    for layer, (k, v) in zip(d.layers, read):
+        assert torch.equal(layer.k_rows.read(), k) and torch.equal(layer.v_rows.read(), v)
+
+
+def test_layer_zero_without_a_cache_is_a_clear_error(fitted):
+    from kvsplice.cache import LayerCodec
+
+    lc = LayerCodec.from_geometry(fitted[2][("v", 3.0)], 0)
+    with pytest.raises(KVSpliceError, match="inside a CompressedCache"):
+        lc.decode(lc.encode(torch.randn(1, 2, 3, 8)))

@@ -123,6 +123,14 @@ def fit_xpred_geometry(model: Any, tokenizer: Any, text: str, target: str, codec
 
     X = capture_all_layers(model, tokenizer, text, target, windows, seq_len)
     L, H, hd = model_layout(model)
+    N, D = X[0].shape
+    if N < 8 * (D + 1):  # each output's affine map has D + 1 weights: fewer rows over-fit it (the held-out error grows)
+        import warnings
+
+        from kvsplice.errors import KVSpliceWarning
+
+        warnings.warn(f"cross-layer calibration: {N} rows for maps of {D + 1} x {D}; expected >= {8 * (D + 1)} "
+                      f"(more windows or longer ones) or the maps over-fit the calibration text", KVSpliceWarning, stacklevel=2)
     codecs, prev = {}, None
     for l in range(L):
         x = X[l]

@@ -121,6 +121,9 @@ class Calibration:
         if key not in self.geometries and s["codec"] == "xpred-pca-q":  # every layer on the same tokens, fitted in order
             from kvsplice.codecs.xpred import fit_xpred_geometry
 
+            if not joint:
+                raise KVSpliceError("xpred-pca-q predicts jointly over a layer's KV heads: set joint_heads = true")
+
             t0 = time.perf_counter()
             c = self.cfg.calibration
             meta = {"model": model_id(self.model), "calibration": "files" if self.cfg.calibration_data else describe_default("calibration")}
