@@ -71,6 +71,7 @@ def _pq(bits: float, target: str = "kv", **kw: Any) -> dict[str, Any]:
 
 PRESETS: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {
     "matrix": [("pca-q 4", True, _pq(4.0)), ("pca-q 2", True, _pq(2.0))],
+    "xpred": [("xpred 4", True, {**_pq(4.0), "codec": "xpred-pca-q"}), ("xpred 2", True, {**_pq(2.0), "codec": "xpred-pca-q"})],
     "kv-split": [("pca-q 4 K", True, _pq(4.0, "k")), ("pca-q 4 V", True, _pq(4.0, "v")),
                  ("pca-q 2 K", True, _pq(2.0, "k")), ("pca-q 2 V", True, _pq(2.0, "v"))],
 }
