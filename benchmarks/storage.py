@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/storage.py --out docs/results/storage-smollm2.json
 
 Prompt: the first --tokens tokens of the docs evaluation text (kvsplice.data.evaluation_text), batch 1.
-Recipes: pca-q K+V joint heads sink 1 at each --bits, calibrated by `kvsplice.calibrate_recipe`.
+Recipes: --preset (best: pca-q; low-bit: xpred-pca-q) K+V joint heads sink 1 at each --bits,
+calibrated by `kvsplice.calibrate_recipe` (default text: the domains mix).
 bits/value = bytes x 8 / (tokens x layers x 2 x kv_heads x head_dim). Times: median of --reps runs,
 reported as ratios to the prefill time (shared 2-core CPU: absolute seconds are not comparable).
 """
@@ -45,6 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--bits", type=float, nargs="+", default=[4, 2])
+    ap.add_argument("--preset", default="best", help="recipe preset: best (pca-q) or low-bit (xpred-pca-q)")
     ap.add_argument("--coders", nargs="+", default=["rans", "zlib", "lzma"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", required=True)
@@ -60,7 +62,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for bits in args.bits:
-            recipe = kvsplice.calibrate_recipe(model, tok, bits=bits)
+            recipe = kvsplice.calibrate_recipe(model, tok, preset=args.preset, bits=bits)
 
             def prefill():
                 c = recipe.cache(model)
@@ -102,7 +104,7 @@ def main() -> int:
             rows.append(row)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {
-        "config": {"model": "smollm2-135m", "tokens": T, "batch": 1, "layers": layers, "kv_heads": H, "head_dim": D,
+        "config": {"model": "smollm2-135m", "preset": args.preset, "tokens": T, "batch": 1, "layers": layers, "kv_heads": H, "head_dim": D,
                    "text": data.describe_default("evaluation"), "reps": args.reps, "threads": 1,
                    "bits_per_value": "bytes * 8 / (tokens * layers * 2 * kv_heads * head_dim)",
                    "sixteen_bit_bits_per_value": 16.0,
