@@ -95,6 +95,35 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def compare(args: Any, res: dict[str, Any]) -> None:
+    """Paired Δ% of method A vs B on the same tokens for every (calibration, domain) both have; the
+    baselines of the files must agree (same tokens), else refused."""
+    from safetensors.torch import load_file
+
+    from kvsplice.evaluate.stats import paired_block_bootstrap
+    from kvsplice.paths import atomic_write_bytes
+
+    toks: dict[str, torch.Tensor] = {}
+    for f in [args.out, *args.table]:
+        side = load_file(str(Path(f).with_suffix(".tokens.safetensors")))
+        for k, v in side.items():
+            if k.startswith("baseline|") and k in toks and not torch.equal(toks[k], v):
+                raise SystemExit(f"{f}: {k} differs from an earlier file's: not the same tokens")
+            toks.setdefault(k, v)
+    a, b = args.compare
+    rows = []
+    for key in sorted(toks):
+        m, cal, dom = key.split("|") if key.count("|") == 2 else (None, None, None)
+        if m == a and f"{b}|{cal}|{dom}" in toks:
+            st = paired_block_bootstrap(toks[f"{b}|{cal}|{dom}"], toks[key], block=64, n=2000, seed=0)
+            rows.append({"cal": cal, "eval": dom, "delta_pct_a_vs_b": st.delta_pct, "ci95": [st.ci_low, st.ci_high], "verdict_for_a": st.verdict})
+            print(f"{a} vs {b} | cal {cal} | {dom}: {st.delta_pct:+.2f} % [{st.ci_low:+.2f}, {st.ci_high:+.2f}] {st.verdict}")
+    if not rows:
+        raise SystemExit(f"no (calibration, domain) cell has both {a!r} and {b!r}")
+    if args.compare_out:
+        atomic_write_bytes(Path(args.compare_out), (json.dumps({"a": a, "b": b, "sources": [args.out, *args.table], "rows": rows}, indent=1) + "\n").encode())
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="result JSON (resumed when it exists)")
@@ -108,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval", nargs="+", default=list(DOMAINS))
     ap.add_argument("--table", nargs="*", metavar="JSON",
                     help="print the markdown table of --out (plus these result files, same split) and exit")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                    help="with --table: paired Δ of method A vs method B (labels) per (calibration, domain) on the same "
+                         "tokens, from the per-token sidecars; written to --compare-out")
+    ap.add_argument("--compare-out", default=None, help="JSON for --compare")
     args = ap.parse_args(argv)
     if args.write_mix:
         from kvsplice.paths import atomic_write_bytes
@@ -124,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{extra}: split/protocol differ from {args.out}; not merged")
             res["domains"].update(more["domains"])
             res["cells"].update(more["cells"])
+        if args.compare:
+            compare(args, res)
+            return
         print(table(res))
         return
 
