@@ -69,3 +69,49 @@ def tiny_gpt2(byte_tokenizer):
 @pytest.fixture
 def tiny_llama(byte_tokenizer):
     return make_tiny_llama(), byte_tokenizer
+
+
+TWO_METHOD_FRONTIER = """
+model = "{model}"
+[calibration]
+samples = 1500
+max_batches = 2
+seq_len = 128
+[protocol]
+prefill = 100
+continue_tokens = 30
+segments = 1
+batch_size = 1
+tf_window = 128
+tf_windows = 1
+
+[[methods]]
+name = "pca-q"
+kind = "codec"
+sweep = {{ bits = [3.0] }}
+params = {{ codec = "pca-q", target = "kv", joint_heads = true, sink = 1 }}
+
+[[methods]]
+name = "{name}"
+kind = "codec"
+sweep = {{ bits = [3.0] }}
+params = {{ {params} }}
+"""
+
+
+def run_two_method_frontier(tmp_path, name: str, params: str) -> dict:
+    """`kvsplice frontier` on a saved tiny Llama with uniform pca-q 3-bit K+V and one other codec method
+    (`params`: the TOML inline table's body) -> {method: point} of the result JSON."""
+    import json
+
+    from kvsplice.cli import main
+
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(TWO_METHOD_FRONTIER.format(model=folder, name=name, params=params), encoding="utf-8")
+    out = tmp_path / "f.json"
+    if main(["frontier", "--config", str(cfg), "--json", str(out), "--quiet", "--threads", "1"]) != 0:
+        raise RuntimeError("frontier failed")
+    return {q["method"]: q for q in json.loads(out.read_text())["points"]}

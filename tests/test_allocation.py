@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_byte_tokenizer, make_tiny_llama
+from conftest import make_byte_tokenizer, make_tiny_llama, run_two_method_frontier
 
 from kvsplice.allocation import check_allocation_params, probe_damage, solve
 from kvsplice.cli import main
@@ -92,44 +92,9 @@ def test_probe_exact_codec_does_no_damage_and_a_two_bit_codec_does():
         assert layer[2.0] > 1e-5
 
 
-TOML = """
-model = "{model}"
-[calibration]
-samples = 1500
-max_batches = 2
-seq_len = 128
-[protocol]
-prefill = 100
-continue_tokens = 30
-segments = 1
-batch_size = 1
-tf_window = 128
-tf_windows = 1
-
-[[methods]]
-name = "pca-q"
-kind = "codec"
-sweep = {{ bits = [3.0] }}
-params = {{ codec = "pca-q", target = "kv", joint_heads = true, sink = 1 }}
-
-[[methods]]
-name = "pca-q-alloc"
-kind = "codec"
-sweep = {{ bits = [3.0] }}
-params = {{ codec = "pca-q", target = "kv", joint_heads = true, sink = 1, allocate = "sensitivity", levels = [2.0, 3.0, 4.0], probe_tokens = 64 }}
-"""
-
-
 def test_frontier_allocated_setting_spends_at_most_the_uniform_payload(tmp_path):
-    folder = tmp_path / "tiny"
-    make_tiny_llama().save_pretrained(folder)
-    make_byte_tokenizer().save_pretrained(folder)
-    cfg = tmp_path / "f.toml"
-    cfg.write_text(TOML.format(model=folder), encoding="utf-8")
-    out = tmp_path / "f.json"
-    assert main(["frontier", "--config", str(cfg), "--json", str(out), "--quiet", "--threads", "1"]) == 0
-    d = json.loads(out.read_text())
-    pts = {q["method"]: q for q in d["points"]}
+    pts = run_two_method_frontier(tmp_path, "pca-q-alloc", 'codec = "pca-q", target = "kv", joint_heads = true, sink = 1, '
+                                  'allocate = "sensitivity", levels = [2.0, 3.0, 4.0], probe_tokens = 64')
     assert "alloc=sensitivity" in pts["pca-q-alloc"]["setting"]
     assert pts["pca-q-alloc"]["kv_bits_per_value"] <= pts["pca-q"]["kv_bits_per_value"] + 1e-9
     assert pts["pca-q-alloc"]["ppl"] > 1.0

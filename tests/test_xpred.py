@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_byte_tokenizer, make_tiny_llama
+from conftest import make_byte_tokenizer, make_tiny_llama, run_two_method_frontier
+from test_model_types import _feed
 from transformers import DynamicCache
 
 from kvsplice.cache import CompressedCache
@@ -32,13 +33,7 @@ def _ids(tok, n=48):
     return tok(TEXT[200:], return_tensors="pt").input_ids[:, :n]
 
 
-def _chunked(model, ids, cache, chunks):
-    out, s = [], 0
-    with torch.no_grad():
-        for n in chunks:
-            out.append(model(ids[:, s : s + n], cache=cache, use_cache=True).logits)
-            s += n
-    return torch.cat(out, 1)
+_chunked = _feed  # (model, ids, cache, chunk sizes) -> logits of the chunks fed in order
 
 
 def test_prediction_lowers_the_coding_error_of_a_held_out_window(fitted):
@@ -105,47 +100,8 @@ def test_unsafe_uses_are_refused(fitted):
     assert affine_groups(LayerCodec.from_geometry(v, 1)) is None  # coded attention decodes instead
 
 
-TOML = """
-model = "{model}"
-[calibration]
-samples = 1500
-max_batches = 2
-seq_len = 128
-[protocol]
-prefill = 100
-continue_tokens = 30
-segments = 1
-batch_size = 1
-tf_window = 128
-tf_windows = 1
-
-[[methods]]
-name = "pca-q"
-kind = "codec"
-sweep = {{ bits = [3.0] }}
-params = {{ codec = "pca-q", target = "kv", joint_heads = true, sink = 1 }}
-
-[[methods]]
-name = "xpred"
-kind = "codec"
-sweep = {{ bits = [3.0] }}
-params = {{ codec = "xpred-pca-q", target = "kv", joint_heads = true, sink = 1 }}
-"""
-
-
 def test_frontier_runs_xpred_at_the_same_payload_and_counts_its_maps(tmp_path):
-    import json
-
-    from kvsplice.cli import main
-
-    folder = tmp_path / "tiny"
-    make_tiny_llama().save_pretrained(folder)
-    make_byte_tokenizer().save_pretrained(folder)
-    cfg = tmp_path / "f.toml"
-    cfg.write_text(TOML.format(model=folder), encoding="utf-8")
-    out = tmp_path / "f.json"
-    assert main(["frontier", "--config", str(cfg), "--json", str(out), "--quiet", "--threads", "1"]) == 0
-    pts = {q["method"]: q for q in json.loads(out.read_text())["points"]}
+    pts = run_two_method_frontier(tmp_path, "xpred", 'codec = "xpred-pca-q", target = "kv", joint_heads = true, sink = 1')
     assert pts["xpred"]["kv_bits_per_value"] == pts["pca-q"]["kv_bits_per_value"]  # same payload per token
     assert pts["xpred"]["ppl"] > 1.0
     with pytest.raises(KVSpliceError, match="xpred"):
