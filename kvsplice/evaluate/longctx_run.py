@@ -37,6 +37,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "baseline": {"kind": "baseline"},
     "pca-q-4": {"kind": "codec", "codec": "pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 4.0},
     "pca-q-2": {"kind": "codec", "codec": "pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 2.0},
+    "xpred-4": {"kind": "codec", "codec": "xpred-pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 4.0},
+    "xpred-2": {"kind": "codec", "codec": "xpred-pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 2.0},
     "kivi-4": {"kind": "peer", "peer": "kivi", "bits": 4},
     "kivi-2": {"kind": "peer", "peer": "kivi", "bits": 2},
     "int-4": {"kind": "peer", "peer": "uniform-int", "bits": 4},
