@@ -55,7 +55,7 @@ def plot_longctx(path: str | os.PathLike, result: dict[str, Any]) -> None:
                 hi = [c["ci95"][1] - c["accuracy"] for c in pts]
             for p, y, l, h in zip(pts, ys, lo, hi):
                 fam = _family(p["method"])
-                ours = fam.startswith("pca-q")
+                ours = fam.startswith(("pca-q", "xpred"))  # our coders: filled circles
                 if fam == "baseline":
                     ax.axhline(y, color="grey", ls="--", lw=0.8)
                 ax.errorbar([p["kv_bits_per_value"]], [y], yerr=[[max(l, 0)], [max(h, 0)]], color=colour[fam],
