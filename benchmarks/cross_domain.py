@@ -47,19 +47,10 @@ def corpus_text(name: str) -> str:
 
 
 def make_calibration(name: str, model: Any, tok: Any, log) -> Any:
-    from kvsplice.calibrate import CalibrationConfig, collect_layer_vectors
+    """frontier's `Calibration` on corpus `name` (K and V collected in one pass, samples as two)."""
     from kvsplice.evaluate.frontier import Calibration
 
-    class _Cal(Calibration):
-        def _collect(self, target: str) -> Any:
-            if target not in self.collected:
-                ccfg = CalibrationConfig.from_dict({**CAL, "target": target})
-                t0 = time.perf_counter()
-                self.collected[target] = collect_layer_vectors(self.model, self.tokenizer, self.text, ccfg, progress=False)
-                log(f"cal {name}: collected {target.upper()} ({self.collected[target].tokens} tokens, {time.perf_counter() - t0:.0f} s)")
-            return self.collected[target]
-
-    c = _Cal(SimpleNamespace(calibration=dict(CAL), calibration_data=[name]), model, tok, log, progress=False)
+    c = Calibration(SimpleNamespace(calibration=dict(CAL), calibration_data=[name]), model, tok, log, progress=False)
     c.text = corpus_text(name)
     return c
 
