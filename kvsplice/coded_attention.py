@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvsplice import native
 from kvsplice.codecs.packing import Layout, transposed_plan, unpack_fast_t
 from kvsplice.errors import KVSpliceError, ModelError
 
@@ -54,6 +55,7 @@ class AffineGroup:
     b: torch.Tensor
     mu: torch.Tensor
     gain: bool
+    native: Any = None  # kvsplice.native.CodeOrder (codes in A's row order) when the C kernels run here
 
 
 def affine_groups(layer_codec: Any) -> list[AffineGroup] | None:
@@ -73,13 +75,15 @@ def affine_groups(layer_codec: Any) -> list[AffineGroup] | None:
             groups = []
             break
         lay, A, b, mu = form
-        A = A[transposed_plan(lay).order.to(A.device)]  # rows in the order unpack_fast_t returns codes
+        order = transposed_plan(lay).order
+        A = A[order.to(A.device)]  # rows in the order unpack_fast_t returns codes
         n = layer_codec.num_heads if layer_codec.joint else 1
         k = A.shape[0]
         groups.append(AffineGroup(
             h0=0 if layer_codec.joint else slot, n=n, slot=slot, lay=lay,
             A=A.view(k, n, hd).permute(1, 0, 2).contiguous(),  # (n, k, hd)
             b=b.view(n, 1, hd), mu=mu.view(n, 1, hd), gain=codec.scale == "gain",
+            native=native.code_order(lay, order) if A.device.type == "cpu" and native.available() else None,
         ))
     layer_codec._affine_groups = groups
     return groups or None
@@ -108,9 +112,15 @@ class CodedRows:
     def codes(self, g: AffineGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored codes of group g, TRANSPOSED: (B, k, P) float32, and gains (B, 1, P) float32 (None
         without gain). Unpacked once per call: K and V each read their codes once per layer step."""
-        codes = unpack_fast_t(self.payload["codes"][:, g.slot], g.lay, torch.float32)
-        gain = self.payload["gain"][:, g.slot].float().transpose(1, 2) if g.gain else None
-        return codes, gain
+        return unpack_fast_t(self.packed(g), g.lay, torch.float32), self.gain(g)
+
+    def packed(self, g: AffineGroup) -> torch.Tensor:
+        """The bit-packed codes of group g: (B, P, nbytes) uint8 (a view of the payload)."""
+        return self.payload["codes"][:, g.slot]
+
+    def gain(self, g: AffineGroup) -> torch.Tensor | None:
+        """Gains of group g (B, 1, P) float32, None without gain."""
+        return self.payload["gain"][:, g.slot].float().transpose(1, 2) if g.gain else None
 
     def sink_index(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(index (B, 1, 1, n) into S + 1 columns: empty slots point at the extra column S, valid (B, 1, 1, n))."""
@@ -146,9 +156,12 @@ def _coded_scores(qg: torch.Tensor, key: "CodedRows") -> torch.Tensor:
     B, _, Gq, _ = qg.shape
     for g in key.groups:  # one affine group per codec (joint: all heads)
         qh = qg[:, g.h0 : g.h0 + g.n]  # (B, n, Gq, hd)
-        codes, gain = key.codes(g)  # (B, k, P), (B, 1, P)
         qa = (qh @ g.A.transpose(1, 2)).reshape(B, g.n * Gq, -1)  # A_h q  (B, n*Gq, k)
-        s = (qa @ codes).view(B, g.n, Gq, -1)  # (B, n, Gq, P)
+        gain = key.gain(g)  # (B, 1, P)
+        if g.native is not None:  # C kernel: dot products straight from the packed bytes
+            s = native.scores(key.packed(g), g.native, qa).view(B, g.n, Gq, -1)
+        else:
+            s = (qa @ key.codes(g)[0]).view(B, g.n, Gq, -1)  # (B, n, Gq, P)
         s = s + qh @ g.b.transpose(1, 2)  # + q . b_h  (B, n, Gq, 1)
         if gain is not None:
             s = s * gain[:, None]  # times g_t
@@ -183,9 +196,12 @@ def _weighted_values(p: torch.Tensor, value: Any) -> torch.Tensor:
     B, _, Gq, _ = p.shape
     for g in value.groups:
         ph = p[:, g.h0 : g.h0 + g.n, :, :P]  # (B, n, Gq, P)
-        codes, gain = value.codes(g)  # (B, k, P), (B, 1, P)
+        gain = value.gain(g)  # (B, 1, P)
         w = ph if gain is None else ph * gain[:, None]  # p_t g_t
-        c = (w.reshape(B, g.n * Gq, P) @ codes.transpose(1, 2)).view(B, g.n, Gq, -1)  # sum_t p_t g_t c_t
+        if g.native is not None:  # C kernel: weighted sum straight from the packed bytes
+            c = native.weighted(value.packed(g), g.native, w.reshape(B, g.n * Gq, P)).view(B, g.n, Gq, -1)
+        else:
+            c = (w.reshape(B, g.n * Gq, P) @ value.codes(g)[0].transpose(1, 2)).view(B, g.n, Gq, -1)  # sum_t p_t g_t c_t
         heads.append(c @ g.A + w.sum(-1, keepdim=True) * g.b + ph.sum(-1, keepdim=True) * g.mu)
     o = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
     if value.raw.shape[2]:
@@ -235,6 +251,22 @@ def register_coded_attention() -> None:
 
     AttentionInterface.register(NAME, coded_attention_forward)
     AttentionMaskInterface.register(NAME, kvsplice_mask)
+
+
+def coded_supported(cache: Any) -> str | None:
+    """None when `coded_attention(model, cache)` runs and reads some codes without decoding them;
+    else why not (a pruner, not a CompressedCache, or no layer with an affine codec: warps, cross-layer
+    prediction). K coded before RoPE still decodes K; its V is read in the coded domain."""
+    from kvsplice.cache import CompressedCache
+
+    if not isinstance(cache, CompressedCache):
+        return f"not a CompressedCache ({type(cache).__name__})"
+    if getattr(cache, "pruner", None) is not None:
+        return "a pruning cache needs the attention probabilities"
+    codecs = [getattr(layer, name, None) for layer in cache.layers for name in ("k_codec", "v_codec")]
+    if not any(c is not None and affine_groups(c) is not None for c in codecs):
+        return "no layer has a codec readable in the coded domain (affine, not cross-layer predicted)"
+    return None
 
 
 class coded_attention:  # noqa: N801 - used as a context manager, like torch.no_grad

@@ -1,7 +1,8 @@
 """The coded-domain attention ("kvsplice-coded", kvsplice/coded_attention.py) equals the reference
 (decode every row, then the model's own attention) on tiny random models: pca-q per head and joint,
 with and without sink, K coded after RoPE (coded scores) and before RoPE (decoded K), GQA, batching
-with left padding; and the affine decode equals the codec's reference decode."""
+with left padding, through the native C kernels and through the pure-torch path; and the affine decode
+equals the codec's reference decode."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+from kvsplice import native
 from kvsplice.cache import CompressedCache, LayerCodec
 from kvsplice.codecs import get_codec
 from kvsplice.coded_attention import affine_groups, coded_attention
@@ -85,10 +87,27 @@ def test_warped_codec_has_no_affine_form_and_keeps_the_decode_path():
     assert affine_groups(LayerCodec([codec])) is None
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Run a test through the C kernels (skipped without a compiler) and through the pure-torch path."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "available", lambda: False)
+    elif not native.available():
+        pytest.skip("native kernels unavailable (no C compiler)")
+    return request.param
+
+
+def _assert_path(codecs, kernels):
+    """Every affine group of these codecs runs the path under test (not silently the other one)."""
+    for c in codecs:
+        for g in affine_groups(c) or []:
+            assert (g.native is not None) == (kernels == "native")
+
+
 @pytest.mark.parametrize("joint", [False, True])
 @pytest.mark.parametrize("sink", [0, 1, 2])
 @pytest.mark.parametrize("k_mode", ["post-rope", "pre-rope", "raw"])
-def test_coded_attention_equals_reference(joint, sink, k_mode):
+def test_coded_attention_equals_reference(joint, sink, k_mode, kernels):
     model = make_tiny_llama()
     v = _codecs(joint, 4.0, seed=0)
     if k_mode == "post-rope":
@@ -100,12 +119,13 @@ def test_coded_attention_equals_reference(joint, sink, k_mode):
     make = lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=sink)  # noqa: E731
     ref, ref_seq = _scores(model, make, coded=False)
     fast, fast_seq = _scores(model, make, coded=True)
+    _assert_path(v + (k or []), kernels)
     assert model.config._attn_implementation != "kvsplice-coded"  # restored
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_seq, ref_seq)
 
 
-def test_coded_attention_2bit_with_window_and_warp_fallback():
+def test_coded_attention_2bit_with_window_and_warp_fallback(kernels):
     """A raw window and a warped (non-affine) K codec: exact rows and decoded K mix with coded V."""
     model = make_tiny_llama()
     v = _codecs(True, 2.0, seed=5)
@@ -113,6 +133,7 @@ def test_coded_attention_2bit_with_window_and_warp_fallback():
     make = lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=1, window=3)  # noqa: E731
     ref, _ = _scores(model, make, coded=False)
     fast, _ = _scores(model, make, coded=True)
+    _assert_path(v, kernels)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
 
 

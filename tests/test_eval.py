@@ -295,3 +295,30 @@ def test_a_model_that_ignores_the_cache_is_refused(tiny_llama):
     model.forward = lambda *a, cache=None, **k: forward(*a, **k)  # drops the cache, as an older transformers would
     with pytest.raises(ProtocolError, match="did not write to the cache"):
         perplexity_teacher_forced(model, ids, DynamicCache, window=32)
+
+
+def test_generate_cli_uses_coded_attention_where_it_can_and_gives_the_reference_text(tmp_path, tiny_llama, capsys):
+    """--attention auto reads V from its codes (pca-q: affine) and generates the text the reference
+    path (decode rows) generates; --attention coded refuses a pruning cache with the reason."""
+    from kvsplice.cli import main
+    from kvsplice.geometry import Geometry, save_geometry
+
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    L, H, D = layout(model)
+    g = torch.Generator().manual_seed(0)
+    codecs = {(l, h): get_codec("pca-q", bits=4.0).fit(torch.randn(300, D, generator=g)) for l in range(L) for h in range(H)}
+    save_geometry(tmp_path / "g.safetensors", Geometry(codecs, {"target": "v", "num_layers": str(L)}))
+    argv = ["generate", "--model", str(tmp_path / "m"), "--geometry", str(tmp_path / "g.safetensors"),
+            "--prompt", "hello there, cache " * 8, "--max-new-tokens", "8", "--no-compare"]
+    texts = {}
+    for mode in ("auto", "reference"):
+        assert main(argv + ["--attention", mode]) == 0
+        out, err = capsys.readouterr()
+        line = next(l for l in err.splitlines() if l.startswith("[attention]"))
+        assert ("coded domain" in line) == (mode == "auto"), line
+        texts[mode] = out
+    assert texts["auto"] == texts["reference"]
+    assert main(argv + ["--attention", "coded", "--keep-ratio", "0.5"]) == 2
+    assert "pruning" in capsys.readouterr().err

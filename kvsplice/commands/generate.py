@@ -37,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a file from `kvsplice pack` (needs the same --recipe): its prompt is reused, --prompt continues it")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--attention", choices=("auto", "coded", "reference"), default="auto",
+                   help="auto (default): attention in the coded domain (kvsplice/coded_attention.py: V read from its "
+                        "codes, K too when coded after RoPE) where the cache allows it, else decode rows; coded: "
+                        "refuse a cache that does not allow it; reference: decode every row, the model's own attention")
     p.add_argument("--no-compare", action="store_true", help="skip the DynamicCache run (tokens/s comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_device_args(p)
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from kvsplice.api import Recipe, calibrate_recipe
     from kvsplice.attention import prepare_model
     from kvsplice.cache import CompressedCache
+    from kvsplice.coded_attention import coded_attention, coded_supported
     from kvsplice.geometry import load_geometry
     from kvsplice.pruning import VOnlyPruner
 
@@ -123,11 +128,24 @@ def run(args: argparse.Namespace) -> int:
 
         cache, ids, mask = prompt_cache_inputs(args.prompt_cache, model, recipe, tokenizer, args.prompt)
 
+    why_not = coded_supported(cache)
+    if args.attention == "coded" and why_not:
+        raise KVSpliceError(f"--attention coded: this cache cannot use it ({why_not})")
+    coded = args.attention != "reference" and why_not is None
+    print(f"[attention] {'coded domain (kvsplice-coded)' if coded else 'decode rows, the model attention'}"
+          + (f" ({why_not})" if why_not and args.attention == "auto" else ""), file=sys.stderr)
+
     def run_generate(c):
         """-> (new token ids (n,), seconds); c None = transformers' default DynamicCache."""
         kw = {} if c is None else {"cache": c}
+        if c is None:
+            ctx = contextlib.nullcontext()
+        elif coded:
+            ctx = coded_attention(model, c)
+        else:
+            ctx = prepare_model(model) if pruner is not None else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with (prepare_model(model) if c is not None and pruner is not None else contextlib.nullcontext()), torch.no_grad():
+        with ctx, torch.no_grad():
             o = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                                do_sample=False, pad_token_id=pad, logits_processor=finite_logits_guard(), **kw)
         return o[0, ids.shape[1]:], time.perf_counter() - t0

@@ -1,0 +1,91 @@
+"""The native C kernels (kvsplice/native) equal the pure-torch reference (packing.unpack_fast_t + matmul)
+on random bit layouts: widths 0..8 with codes spanning bytes, partial row blocks, batches, views into a
+wider payload (the H' slot axis), 1..13 query rows (past one register block), 1 and 2 threads."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kvsplice import native
+from kvsplice.codecs.packing import layout, pack_fast, transposed_plan, unpack_fast_t
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine")
+
+
+@needs_cc
+def test_kernels_build_and_load_where_a_compiler_exists():
+    assert native.available(), "a C compiler is present but the kernels did not build (see the warning)"
+
+
+def _payload(widths, B, P, slots=1, seed=0):
+    """(packed codes (B, slots, P, nbytes) uint8 of random codes, their layout)."""
+    g = torch.Generator().manual_seed(seed)
+    lay = layout(tuple(widths))
+    hi = torch.tensor([1 << w for w in widths])
+    codes = (torch.rand(B, slots, P, len(widths), generator=g) * hi).long()
+    return pack_fast(codes, lay), lay
+
+
+WIDTHS = [
+    [8, 7, 6, 5, 4, 3, 2, 1, 0, 3, 5, 7, 1, 1, 2, 0, 6, 4],  # spans byte boundaries everywhere
+    [4] * 24,  # byte aligned
+    [2, 2, 1, 0, 0, 8, 8, 3],
+]
+
+
+@needs_cc
+@pytest.mark.parametrize("widths", WIDTHS)
+@pytest.mark.parametrize("B,P", [(1, 1), (1, 8), (2, 37), (3, 129)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_equal_the_torch_reference(widths, B, P, threads):
+    packed, lay = _payload(widths, B, P, slots=2)
+    order = transposed_plan(lay).order
+    co = native.code_order(lay, order)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for slot in range(2):  # a strided view of the payload, as the cache hands it over
+            view = packed[:, slot]
+            ref = unpack_fast_t(view, lay).transpose(-1, -2)  # (B, P, k) in plan order
+            assert torch.equal(native.unpack(view, co), ref)
+            for R in (1, 9, 13):
+                g = torch.Generator().manual_seed(R)
+                qa, w = torch.randn(B, R, co.k, generator=g), torch.rand(B, R, P, generator=g)
+                torch.testing.assert_close(native.scores(view, co, qa), qa @ ref.transpose(1, 2), rtol=1e-5, atol=1e-4)
+                torch.testing.assert_close(native.weighted(view, co, w), w @ ref, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cc
+def test_last_rows_of_the_tensor_are_read_without_overrun():
+    """The vector unpack reads 4 bytes per code; the rows at the end of the codes tensor must take the
+    exact path (checked on a tensor whose storage ends right after its last row)."""
+    packed, lay = _payload([8, 8, 8], 1, 64)
+    exact = packed[0, 0].clone()[None]  # (1, 64, 3): storage ends at the last row's last byte
+    co = native.code_order(lay, transposed_plan(lay).order)
+    assert torch.equal(native.unpack(exact, co), unpack_fast_t(exact, lay).transpose(-1, -2))
+
+
+@needs_cc
+def test_bad_inputs_are_refused_with_the_shapes_named():
+    packed, lay = _payload([4] * 8, 2, 5)
+    co = native.code_order(lay, transposed_plan(lay).order)
+    with pytest.raises(ValueError, match="uint8"):
+        native.scores(packed[:, 0].float(), co, torch.zeros(2, 1, co.k))
+    with pytest.raises(ValueError, match=r"qa must be \(B=2, R, k=8\)"):
+        native.scores(packed[:, 0], co, torch.zeros(2, 1, 7))
+    with pytest.raises(ValueError, match=r"w must be \(B=2, R, P=5\)"):
+        native.weighted(packed[:, 0], co, torch.zeros(2, 1, 4))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("KVSPLICE_NATIVE", "0")
+    native.available.cache_clear()
+    try:
+        assert native.available() is False
+    finally:
+        native.available.cache_clear()
