@@ -18,6 +18,7 @@ less sensitive to a loaded machine); one process, threads set per block.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvsplice import native  # noqa: E402
 from kvsplice.codecs import get_codec  # noqa: E402
 from kvsplice.codecs.packing import unpack_fast, unpack_fast_t, unpack_reference  # noqa: E402
 from kvsplice.codecs.quant import midrise_values  # noqa: E402
@@ -66,8 +68,16 @@ class _Coded:
         self.num_heads = raw.shape[1]
 
     def codes(self, g):
-        c = unpack_fast_t(self.payload["codes"][:, g.slot], g.lay, torch.float32)
-        return c, self.payload["gain"][:, g.slot].float().transpose(1, 2)
+        return unpack_fast_t(self.packed(g), g.lay, torch.float32), self.gain(g)
+
+    def packed(self, g):
+        return self.payload["codes"][:, g.slot]
+
+    def gain(self, g):
+        return self.payload["gain"][:, g.slot].float().transpose(1, 2)
+
+    def gain_rows(self, g):
+        return self.payload["gain"][:, g.slot, :, 0]
 
     def sink_index(self):
         return None
@@ -127,8 +137,11 @@ def profile(rows: int, batch: int, bits: float, reps: int) -> dict[str, dict[str
     out["after: unpack (per code, transposed: attention's layout)"] = _time(lambda: unpack_fast_t(kp["codes"][:, 0], lay), reps)
     c = unpack_fast(kp["codes"][:, 0], lay, torch.float32)
     out["after: decode matmul c @ A + b (T x k x D)"] = _time(lambda: (c @ A + b) * kp["gain"][:, 0].float() + mu, reps)
-    groups = affine_groups(vc)
-    kgroups = affine_groups(kc)
+    out["encode the new row (K and V)"] = _time(lambda: (kc.encode(k_new), vc.encode(v_new)), reps)
+    fast = native.available()
+    groups, kgroups = affine_groups(vc), affine_groups(kc)  # with the C kernels where they build
+    torch_only = lambda gs: [dataclasses.replace(g, native=None, Aext=None) for g in gs]  # noqa: E731
+    groups_t, kgroups_t = torch_only(groups), torch_only(kgroups)
 
     def after_pre_rope_k():
         k = _rope(kc.decode(kp), cos, sin)
@@ -142,8 +155,12 @@ def profile(rows: int, batch: int, bits: float, reps: int) -> dict[str, dict[str
         p = torch.softmax(_scores(qg, _Coded(kp, k_new, kgroups)) * HD**-0.5, -1)
         return _weighted_values(p, _Coded(vp, v_new, groups))
 
-    out["after: TOTAL, K coded before RoPE (decode K), V coded attention"] = _time(after_pre_rope_k, reps)
-    out["after: TOTAL, K coded after RoPE, K and V coded attention"] = _time(after_post_rope_k, reps)
+    tag = "C kernels" if fast else "C kernels UNAVAILABLE: torch"
+    out[f"after: TOTAL, K coded before RoPE (decode K), V coded attention ({tag})"] = _time(after_pre_rope_k, reps)
+    out[f"after: TOTAL, K coded after RoPE, K and V coded attention ({tag})"] = _time(after_post_rope_k, reps)
+    groups, kgroups = groups_t, kgroups_t
+    out["after: TOTAL, K coded before RoPE (decode K), V coded attention (torch ops)"] = _time(after_pre_rope_k, reps)
+    out["after: TOTAL, K coded after RoPE, K and V coded attention (torch ops)"] = _time(after_post_rope_k, reps)
     kd, vd = torch.randn(batch, H, rows, HD), torch.randn(batch, H, rows, HD)
     out["DynamicCache: cat + sdpa"] = _time(lambda: sdpa(torch.cat([kd, k_new], 2), torch.cat([vd, v_new], 2)), reps)
     return out

@@ -56,6 +56,7 @@ class AffineGroup:
     mu: torch.Tensor
     gain: bool
     native: Any = None  # kvsplice.native.CodeOrder (codes in A's row order) when the C kernels run here
+    Aext: torch.Tensor | None = None  # (n, k + 2, hd): [A; b; mu], for the C kernels
 
 
 def affine_groups(layer_codec: Any) -> list[AffineGroup] | None:
@@ -79,11 +80,13 @@ def affine_groups(layer_codec: Any) -> list[AffineGroup] | None:
         A = A[order.to(A.device)]  # rows in the order unpack_fast_t returns codes
         n = layer_codec.num_heads if layer_codec.joint else 1
         k = A.shape[0]
+        An = A.view(k, n, hd).permute(1, 0, 2).contiguous()  # (n, k, hd)
+        fast = A.device.type == "cpu" and native.available()
         groups.append(AffineGroup(
-            h0=0 if layer_codec.joint else slot, n=n, slot=slot, lay=lay,
-            A=A.view(k, n, hd).permute(1, 0, 2).contiguous(),  # (n, k, hd)
+            h0=0 if layer_codec.joint else slot, n=n, slot=slot, lay=lay, A=An,
             b=b.view(n, 1, hd), mu=mu.view(n, 1, hd), gain=codec.scale == "gain",
-            native=native.code_order(lay, order) if A.device.type == "cpu" and native.available() else None,
+            native=native.code_order(lay, order) if fast else None,
+            Aext=torch.cat([An, b.view(n, 1, hd), mu.view(n, 1, hd)], dim=1).float().contiguous() if fast else None,
         ))
     layer_codec._affine_groups = groups
     return groups or None
@@ -122,6 +125,22 @@ class CodedRows:
         """Gains of group g (B, 1, P) float32, None without gain."""
         return self.payload["gain"][:, g.slot].float().transpose(1, 2) if g.gain else None
 
+    def gain_rows(self, g: AffineGroup) -> torch.Tensor | None:
+        """Gains of group g as stored, (B, P) fp16 (a view), None without gain."""
+        return self.payload["gain"][:, g.slot, :, 0] if g.gain else None
+
+    def sink_span(self) -> tuple[int, int] | None:
+        """(c, n) when every sequence's n sink rows are the same valid columns c .. c + n - 1 (the
+        common case: no padding, sink = the first tokens): slicing replaces the scatter of
+        `sink_index`. None otherwise (or without a sink)."""
+        if self.sink_rows is None:
+            return None
+        cols = self.sink_rows.tolist()  # (B, n): a few ints
+        c, n = cols[0][0], len(cols[0])
+        if c < 0 or c + n > self.num_rows or any(row != list(range(c, c + n)) for row in cols):
+            return None
+        return c, n
+
     def sink_index(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(index (B, 1, 1, n) into S + 1 columns: empty slots point at the extra column S, valid (B, 1, 1, n))."""
         if self.sink_rows is None:
@@ -156,12 +175,13 @@ def _coded_scores(qg: torch.Tensor, key: "CodedRows") -> torch.Tensor:
     B, _, Gq, _ = qg.shape
     for g in key.groups:  # one affine group per codec (joint: all heads)
         qh = qg[:, g.h0 : g.h0 + g.n]  # (B, n, Gq, hd)
+        if g.native is not None:  # C kernel: (A q . c_t + q . b) g_t + q . mu straight from the packed bytes
+            qa = (qh @ g.Aext.transpose(1, 2)).reshape(B, g.n * Gq, -1)  # (B, n*Gq, k + 2)
+            parts.append(native.scores(key.packed(g), g.native, qa, key.gain_rows(g)).view(B, g.n, Gq, -1))
+            continue
         qa = (qh @ g.A.transpose(1, 2)).reshape(B, g.n * Gq, -1)  # A_h q  (B, n*Gq, k)
         gain = key.gain(g)  # (B, 1, P)
-        if g.native is not None:  # C kernel: dot products straight from the packed bytes
-            s = native.scores(key.packed(g), g.native, qa).view(B, g.n, Gq, -1)
-        else:
-            s = (qa @ key.codes(g)[0]).view(B, g.n, Gq, -1)  # (B, n, Gq, P)
+        s = (qa @ key.codes(g)[0]).view(B, g.n, Gq, -1)  # (B, n, Gq, P)
         s = s + qh @ g.b.transpose(1, 2)  # + q . b_h  (B, n, Gq, 1)
         if gain is not None:
             s = s * gain[:, None]  # times g_t
@@ -174,6 +194,11 @@ def _scores(qg: torch.Tensor, key: Any) -> torch.Tensor:
     if isinstance(key, torch.Tensor):
         return qg @ key.float().transpose(2, 3)
     s = torch.cat([_coded_scores(qg, key), qg @ key.raw.float().transpose(2, 3)], dim=-1)
+    span = key.sink_span()
+    if span is not None:  # exact scores of the sink rows, same columns in every sequence: a slice
+        c, n = span
+        s[..., c : c + n] = qg @ key.sink_head.float().transpose(2, 3)
+        return s
     sink = key.sink_index()
     if sink is not None:  # exact scores of the sink rows
         s = _overwrite(s, sink[0], qg @ key.sink_head.float().transpose(2, 3))
@@ -185,8 +210,13 @@ def _weighted_values(p: torch.Tensor, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return p @ value.float()
     out = None
-    sink = value.sink_index()
-    if sink is not None:  # sink rows: their probability goes to the exact rows, not to the decoded ones
+    span = value.sink_span()
+    sink = value.sink_index() if span is None else None
+    if span is not None:  # the same sink columns in every sequence: slices (p is ours: zeroed in place)
+        c, n = span
+        out = p[..., c : c + n] @ value.sink_head.float()
+        p[..., c : c + n] = 0.0
+    elif sink is not None:  # sink rows: their probability goes to the exact rows, not to the decoded ones
         idx, valid = sink
         p_sink = p.gather(-1, idx.clamp_max(value.num_rows - 1).expand(*p.shape[:-1], idx.shape[-1])) * valid
         out = p_sink @ value.sink_head.float()
@@ -196,12 +226,13 @@ def _weighted_values(p: torch.Tensor, value: Any) -> torch.Tensor:
     B, _, Gq, _ = p.shape
     for g in value.groups:
         ph = p[:, g.h0 : g.h0 + g.n, :, :P]  # (B, n, Gq, P)
+        if g.native is not None:  # C kernel: [sum p g c, sum p g, sum p] from the packed bytes, then one matmul
+            c = native.weighted(value.packed(g), g.native, ph.reshape(B, g.n * Gq, P), value.gain_rows(g))
+            heads.append(c.view(B, g.n, Gq, -1) @ g.Aext)
+            continue
         gain = value.gain(g)  # (B, 1, P)
         w = ph if gain is None else ph * gain[:, None]  # p_t g_t
-        if g.native is not None:  # C kernel: weighted sum straight from the packed bytes
-            c = native.weighted(value.packed(g), g.native, w.reshape(B, g.n * Gq, P)).view(B, g.n, Gq, -1)
-        else:
-            c = (w.reshape(B, g.n * Gq, P) @ value.codes(g)[0].transpose(1, 2)).view(B, g.n, Gq, -1)  # sum_t p_t g_t c_t
+        c = (w.reshape(B, g.n * Gq, P) @ value.codes(g)[0].transpose(1, 2)).view(B, g.n, Gq, -1)  # sum_t p_t g_t c_t
         heads.append(c @ g.A + w.sum(-1, keepdim=True) * g.b + ph.sum(-1, keepdim=True) * g.mu)
     o = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
     if value.raw.shape[2]:

@@ -49,9 +49,14 @@ def _left_padded():
     return ids, mask
 
 
-def _scores(model, make_cache, coded: bool):
-    """Greedy generate over a left-padded batch; per-step logits (steps, B, vocab)."""
-    ids, mask = _left_padded()
+def _same_length():
+    ids = torch.tensor([[5, 17, 99, 23, 42, 8, 61, 77], [120, 7, 33, 81, 9, 140, 55, 2]])
+    return ids, torch.ones_like(ids)
+
+
+def _scores(model, make_cache, coded: bool, batch=_left_padded):
+    """Greedy generate over a batch (default: left-padded); per-step logits (steps, B, vocab)."""
+    ids, mask = batch()
     cache = make_cache()
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
                   return_dict_in_generate=True, pad_token_id=0)
@@ -123,6 +128,24 @@ def test_coded_attention_equals_reference(joint, sink, k_mode, kernels):
     assert model.config._attn_implementation != "kvsplice-coded"  # restored
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_seq, ref_seq)
+
+
+@pytest.mark.parametrize("sink", [1, 2])
+def test_coded_attention_unpadded_batch_takes_the_sink_slices(sink, kernels, monkeypatch):
+    """Without padding every sequence's sink rows are the same columns: the slice path (no scatter)
+    runs, and equals the reference."""
+    from kvsplice import coded_attention as ca
+
+    model = make_tiny_llama()
+    v, k = _codecs(True, 4.0, seed=0), _codecs(True, 4.0, seed=100)
+    make = lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=sink)  # noqa: E731
+    spans = []
+    real = ca.CodedRows.sink_span
+    monkeypatch.setattr(ca.CodedRows, "sink_span", lambda self: spans.append(real(self)) or spans[-1])
+    ref, _ = _scores(model, make, coded=False, batch=_same_length)
+    fast, _ = _scores(model, make, coded=True, batch=_same_length)
+    assert spans and all(s == (0, sink) for s in spans)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_coded_attention_2bit_with_window_and_warp_fallback(kernels):

@@ -53,9 +53,14 @@ def test_kernels_equal_the_torch_reference(widths, B, P, threads):
             assert torch.equal(native.unpack(view, co), ref)
             for R in (1, 9, 13):
                 g = torch.Generator().manual_seed(R)
-                qa, w = torch.randn(B, R, co.k, generator=g), torch.rand(B, R, P, generator=g)
-                torch.testing.assert_close(native.scores(view, co, qa), qa @ ref.transpose(1, 2), rtol=1e-5, atol=1e-4)
-                torch.testing.assert_close(native.weighted(view, co, w), w @ ref, rtol=1e-5, atol=1e-4)
+                qa, p = torch.randn(B, R, co.k + 2, generator=g), torch.rand(B, R, P, generator=g)
+                for gain in (None, torch.rand(B, P, generator=g).half()):  # fp16 as the payload stores it
+                    gf = torch.ones(B, P) if gain is None else gain.float()
+                    s = (qa[..., : co.k] @ ref.transpose(1, 2) + qa[..., co.k : co.k + 1]) * gf[:, None] + qa[..., co.k + 1 :]
+                    torch.testing.assert_close(native.scores(view, co, qa, gain), s, rtol=1e-5, atol=1e-4)
+                    w = p * gf[:, None]
+                    o = torch.cat([w @ ref, w.sum(-1, keepdim=True), p.sum(-1, keepdim=True)], dim=-1)
+                    torch.testing.assert_close(native.weighted(view, co, p, gain), o, rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(before)
 
@@ -75,11 +80,13 @@ def test_bad_inputs_are_refused_with_the_shapes_named():
     packed, lay = _payload([4] * 8, 2, 5)
     co = native.code_order(lay, transposed_plan(lay).order)
     with pytest.raises(ValueError, match="uint8"):
-        native.scores(packed[:, 0].float(), co, torch.zeros(2, 1, co.k))
-    with pytest.raises(ValueError, match=r"qa must be \(B=2, R, k=8\)"):
-        native.scores(packed[:, 0], co, torch.zeros(2, 1, 7))
-    with pytest.raises(ValueError, match=r"w must be \(B=2, R, P=5\)"):
+        native.scores(packed[:, 0].float(), co, torch.zeros(2, 1, co.k + 2))
+    with pytest.raises(ValueError, match=r"qa must be \(B=2, R, k\+2=10\)"):
+        native.scores(packed[:, 0], co, torch.zeros(2, 1, 8))
+    with pytest.raises(ValueError, match=r"p must be \(B=2, R, P=5\)"):
         native.weighted(packed[:, 0], co, torch.zeros(2, 1, 4))
+    with pytest.raises(ValueError, match=r"gains must be \(B=2, P=5\)"):
+        native.weighted(packed[:, 0], co, torch.zeros(2, 1, 5), torch.ones(2, 4))
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -89,3 +96,23 @@ def test_switched_off_by_the_environment(monkeypatch):
         assert native.available() is False
     finally:
         native.available.cache_clear()
+
+
+@needs_cc
+@pytest.mark.parametrize("bits,scale", [(4.0, "gain"), (2.0, "gain"), (3.0, "static"), (1.0, "gain")])
+def test_encode_through_the_c_kernel_gives_the_same_bytes(bits, scale, monkeypatch):
+    """TransformQ.encode's C quantise-and-pack equals midrise_codes + pack_fast byte for byte, on rows
+    with coefficients far outside the clip ranges (both saturation ends)."""
+    from kvsplice.codecs import get_codec
+
+    g = torch.Generator().manual_seed(int(bits * 10))
+    spectrum = torch.logspace(0, -2, 48)
+    codec = get_codec("pca-q", bits=bits, scale=scale).fit(torch.randn(2000, 48, generator=g) * spectrum.sqrt())
+    x = torch.randn(3, 57, 48, generator=g) * spectrum.sqrt() * torch.tensor([1.0, 4.0, 50.0])[:, None, None]
+    assert native.available()
+    fast = codec.encode(x)
+    monkeypatch.setattr(native, "available", lambda: False)
+    slow = codec.encode(x)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from kvsplice import native
 from kvsplice.codecs.base import Codec, TensorSpec, check_orthonormal_columns, register
 from kvsplice.codecs.companders import WARPS, make_warp
 from kvsplice.codecs.packing import Layout, layout, pack_fast, transposed_plan, unpack_fast_t
@@ -157,8 +158,12 @@ class TransformQ(Codec):
         u, g = self._normalise(z - self.mean.float())
         y = (u @ self.rotation.float() - self.ymean.float())[..., self.kept]  # (..., k)
         lay, clip, levels = self._encode_tables()
-        codes = midrise_codes(y, clip, levels)  # in [0, levels - 1] by construction: pack unchecked
-        out = {"codes": pack_fast(codes, lay)}
+        qt = self._native_tables() if y.device.type == "cpu" else None
+        if qt is not None:  # one C call: the same float32 operations, the same bytes (tests/test_native.py)
+            out = {"codes": native.quant_pack(y.float(), qt)}
+        else:
+            codes = midrise_codes(y, clip, levels)  # in [0, levels - 1] by construction: pack unchecked
+            out = {"codes": pack_fast(codes, lay)}
         if g is not None:
             out["gain"] = g
         return out
@@ -171,6 +176,16 @@ class TransformQ(Codec):
             b = self.alloc[self.kept]
             cached = self._enc = (key, (layout(tuple(b.tolist()), b.device), self.clip_abs[self.kept].float(), (1 << b).float()))
         return cached[1]
+
+    def _native_tables(self) -> "native.QuantTables | None":
+        """The C quantise-and-pack tables (cached beside _encode_tables), None without the C kernels."""
+        if not native.available():
+            return None
+        lay, clip, levels = self._encode_tables()
+        cached = getattr(self, "_qt", None)
+        if cached is None or cached[0] is not lay or cached[1] is not clip:
+            cached = self._qt = (lay, clip, native.quant_tables(clip, levels, lay.on(torch.device("cpu"))))
+        return cached[2]
 
     def _coefficients(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
         """payload -> dequantised rotated coefficients times gain, (..., D) float32."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("coded.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # contraction: FMAs in the dot loops
 _I64, _I32P, _U8P, _F32P = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
 _ROWS = [_U8P, _I64, _I64, _I64, _I64, _I64, _I32P, _I32P, _I32P, _I32P, _I64]
 
@@ -90,10 +90,12 @@ def build(force: bool = False) -> Path:
 def _lib() -> Any:
     lib = ctypes.CDLL(str(build()))
     for name in ("kv_scores", "kv_weighted"):
-        getattr(lib, name).argtypes = [*_ROWS, _F32P, _I64, _F32P, ctypes.c_int]
+        getattr(lib, name).argtypes = [*_ROWS, _F32P, _I64, _F32P, _F32P, ctypes.c_int]
         getattr(lib, name).restype = None
     lib.kv_unpack.argtypes = [*_ROWS, _F32P, ctypes.c_int]
     lib.kv_unpack.restype = None
+    lib.kv_quant_pack.argtypes = [_F32P, _I64, _I64, _F32P, _F32P, _F32P, _I32P, _I32P, _I64, _U8P]
+    lib.kv_quant_pack.restype = None
     return lib
 
 
@@ -170,29 +172,79 @@ def unpack(codes: Any, co: CodeOrder) -> Any:
     return out.view(*lead, flat.shape[1], co.k)
 
 
-def scores(codes: Any, co: CodeOrder, qa: Any) -> Any:
-    """codes (B, P, nbytes) uint8, qa (B, R, k) float32 -> (B, R, P) float32: qa @ codes^T."""
+def _gains(gain: Any, B: int, P: int) -> tuple[int | None, Any]:
+    if gain is None:
+        return None, None
+    gain = gain.float().contiguous()
+    if gain.shape != (B, P):
+        raise ValueError(f"native kernels: gains must be (B={B}, P={P}), got {tuple(gain.shape)}")
+    return gain.data_ptr(), gain
+
+
+def scores(codes: Any, co: CodeOrder, qa: Any, gain: Any = None) -> Any:
+    """codes (B, P, nbytes) uint8, qa (B, R, k + 2), gain (B, P) or None -> (B, R, P) float32:
+    (qa[..., :k] @ codes^T + qa[..., k]) * gain + qa[..., k + 1]."""
     import torch
 
     args, codes = _rows_args(codes, co)
     qa = qa.float().contiguous()
     B, P = codes.shape[:2]
-    if qa.shape != (B, qa.shape[1], co.k):
-        raise ValueError(f"native scores: qa must be (B={B}, R, k={co.k}), got {tuple(qa.shape)}")
+    if qa.dim() != 3 or qa.shape[0] != B or qa.shape[2] != co.k + 2:
+        raise ValueError(f"native scores: qa must be (B={B}, R, k+2={co.k + 2}), got {tuple(qa.shape)}")
+    g, _alive = _gains(gain, B, P)  # _alive: the float gains outlive the call
     out = torch.empty(B, qa.shape[1], P, dtype=torch.float32)
-    _lib().kv_scores(*args, qa.data_ptr(), qa.shape[1], out.data_ptr(), _threads())
+    _lib().kv_scores(*args, qa.data_ptr(), qa.shape[1], g, out.data_ptr(), _threads())
     return out
 
 
-def weighted(codes: Any, co: CodeOrder, w: Any) -> Any:
-    """codes (B, P, nbytes) uint8, w (B, R, P) float32 -> (B, R, k) float32: w @ codes."""
+def weighted(codes: Any, co: CodeOrder, p: Any, gain: Any = None) -> Any:
+    """codes (B, P, nbytes) uint8, p (B, R, P), gain (B, P) or None -> (B, R, k + 2) float32:
+    [(p * gain) @ codes, (p * gain).sum(-1), p.sum(-1)]."""
     import torch
 
     args, codes = _rows_args(codes, co)
-    w = w.float().contiguous()
+    p = p.float().contiguous()
     B, P = codes.shape[:2]
-    if w.shape != (B, w.shape[1], P):
-        raise ValueError(f"native weighted: w must be (B={B}, R, P={P}), got {tuple(w.shape)}")
-    out = torch.empty(B, w.shape[1], co.k, dtype=torch.float32)
-    _lib().kv_weighted(*args, w.data_ptr(), w.shape[1], out.data_ptr(), _threads())
+    if p.dim() != 3 or p.shape[0] != B or p.shape[2] != P:
+        raise ValueError(f"native weighted: p must be (B={B}, R, P={P}), got {tuple(p.shape)}")
+    g, _alive = _gains(gain, B, P)  # _alive: the float gains outlive the call
+    out = torch.empty(B, p.shape[1], co.k + 2, dtype=torch.float32)
+    _lib().kv_weighted(*args, p.data_ptr(), p.shape[1], g, out.data_ptr(), _threads())
+    return out
+
+
+@dataclass(frozen=True)
+class QuantTables:
+    """Mid-rise quantiser and packing of k coefficients in stored order: clip, step (= 2 clip / levels),
+    top (= levels - 1), all (k,) float32; byte, shift (k,) int32; nbytes per row."""
+
+    clip: Any
+    step: Any
+    top: Any
+    byte: Any
+    shift: Any
+    nbytes: int
+
+
+def quant_tables(clip: Any, levels: Any, lay: Any) -> QuantTables:
+    """From a codec's clip (k,) and levels (k,) (float32, stored order) and its packing Layout."""
+    import torch
+
+    f32 = lambda t: t.float().cpu().contiguous()  # noqa: E731
+    i32 = lambda t: t.to(torch.int32).cpu().contiguous()  # noqa: E731
+    clip = f32(clip)
+    return QuantTables(clip, f32(2 * clip / levels.float()), f32(levels.float() - 1), i32(lay.byte), i32(lay.shift), lay.nbytes)
+
+
+def quant_pack(y: Any, qt: QuantTables) -> Any:
+    """y (..., k) float32 coefficients -> packed codes (..., nbytes) uint8 (= pack_fast(midrise_codes(y)))."""
+    import torch
+
+    k = qt.clip.numel()
+    if y.dtype != torch.float32 or y.shape[-1] != k or y.device.type != "cpu":
+        raise ValueError(f"native quant_pack: y must be float32 CPU (..., {k}), got {y.dtype} {tuple(y.shape)} on {y.device}")
+    flat = y.reshape(-1, k).contiguous()
+    out = torch.empty(*y.shape[:-1], qt.nbytes, dtype=torch.uint8)
+    _lib().kv_quant_pack(flat.data_ptr(), flat.shape[0], k, qt.clip.data_ptr(), qt.step.data_ptr(), qt.top.data_ptr(),
+                         qt.byte.data_ptr(), qt.shift.data_ptr(), qt.nbytes, out.data_ptr())
     return out

@@ -6,8 +6,12 @@
    Rows are addressed as  base + b * stride_b + t * stride_p  (bytes), b < B, t < P.
 
    kv_unpack   codes -> float (B, P, k)                        (decode path: one matmul follows)
-   kv_scores   s[b, r, t] = sum_j qa[b, r, j] * code[b, t, j]   qa (B, R, k), s (B, R, P)
-   kv_weighted o[b, r, j] = sum_t  w[b, r, t] * code[b, t, j]   w  (B, R, P), o (B, R, k)
+   kv_scores   s[b, r, t] = (sum_j qa[b, r, j] code[b, t, j] + qa[b, r, k]) g[b, t] + qa[b, r, k + 1]
+               qa (B, R, k + 2): A q, then q . b and q . mu (kvsplice/coded_attention.py); s (B, R, P)
+   kv_weighted o[b, r, j] = sum_t p[b, r, t] g[b, t] code[b, t, j]   (j < k), then
+               o[b, r, k] = sum_t p[b, r, t] g[b, t],  o[b, r, k + 1] = sum_t p[b, r, t]
+               p (B, R, P), o (B, R, k + 2): one matmul with [A; b; mu] finishes the weighted values
+   g: per-row gains (B, P) float32, or NULL (all 1).
 
    Rows go in blocks of 8 (one 8-float vector): a block's codes are unpacked once, transposed
    (buf[j][8]: code j of the 8 rows), into a buffer that stays in L1; every query row r then uses it
@@ -100,22 +104,37 @@ void kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
 
 /* s[r][t0 + i] = sum_j q[r][j] * buf[j][i] for NR (compile-time after inlining) query rows. */
 static inline __attribute__((always_inline)) void score_rows(const float *buf, const float *q, int64_t k,
-                                                            const int NR, float *out, int64_t P, int64_t n) {
+                                                            const int NR, v8 g, float *out, int64_t P, int64_t n) {
+    const int64_t kq = k + 2; /* row stride of q: A q, q . b, q . mu */
     v8 acc[MAXR];
     for (int r = 0; r < NR; r++) acc[r] = (v8){0};
     for (int64_t j = 0; j < k; j++) {
         v8 cj;
         memcpy(&cj, buf + j * TB, sizeof cj);
-        for (int r = 0; r < NR; r++) acc[r] += q[r * k + j] * cj;
+        for (int r = 0; r < NR; r++) acc[r] += q[r * kq + j] * cj;
     }
-    for (int r = 0; r < NR; r++) memcpy(out + r * P, &acc[r], sizeof(float) * (size_t)n);
+    for (int r = 0; r < NR; r++) {
+        v8 sr = (acc[r] + q[r * kq + k]) * g + q[r * kq + k + 1];
+        memcpy(out + r * P, &sr, sizeof(float) * (size_t)n);
+    }
 }
 
-#define SCORE_CASE(N) case N: score_rows(buf, q, k, N, o, P, n); break;
+#define SCORE_CASE(N) case N: score_rows(buf, q, k, N, g, o, P, n); break;
+
+/* gains of rows t0 .. t0 + n - 1 as one vector (1 without gains, 0 past n) */
+static inline v8 gains_of(const float *gain, int64_t b, int64_t P, int64_t t0, int64_t n) {
+    v8 g = (v8){0};
+    if (gain == NULL) {
+        for (int64_t i = 0; i < n; i++) g[i] = 1.0f;
+    } else {
+        memcpy(&g, gain + b * P + t0, sizeof(float) * (size_t)n);
+    }
+    return g;
+}
 
 void kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
                const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
-               const float *qa, int64_t R, float *out, int nthreads) {
+               const float *qa, int64_t R, const float *gain, float *out, int nthreads) {
     rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
     const int64_t nb = nblocks_of(P), items = B * nb;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
@@ -125,8 +144,9 @@ void kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
         for (int64_t it = 0; it < items; it++) {
             int64_t b = it / nb, t0 = (it % nb) * TB, n = P - t0 < TB ? P - t0 : TB;
             unpack_block(&c, b, t0, n, buf);
+            const v8 g = gains_of(gain, b, P, t0, n);
             for (int64_t r0 = 0; r0 < R; r0 += MAXR) {
-                const float *q = qa + (b * R + r0) * k;
+                const float *q = qa + (b * R + r0) * (k + 2);
                 float *o = out + (b * R + r0) * P + t0;
                 switch (R - r0 < MAXR ? R - r0 : MAXR) {
                     SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6)
@@ -142,14 +162,15 @@ void kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
 
 void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
                  const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
-                 const float *w, int64_t R, float *out, int nthreads) {
+                 const float *w, int64_t R, const float *gain, float *out, int nthreads) {
     rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
     const int64_t nb = nblocks_of(P), ns = (nb + SB - 1) / SB;
     /* work item = (b, chunk of super-blocks of SB * 8 rows) with its own partial: (R, k) vectors of 8
        lanes (one per row of a block), summed over lanes and chunks at the end */
     const int64_t chunks = nthreads > 1 ? (ns < nthreads ? ns : nthreads) : 1;
     const int64_t items = B * chunks, per = (ns + chunks - 1) / chunks;
-    const size_t part_bytes = sizeof(v8) * (size_t)(items * R * k);
+    const int64_t ko = k + 2; /* partial / output row: the codes' sums, sum p g, sum p */
+    const size_t part_bytes = sizeof(v8) * (size_t)(items * R * ko);
     v8 *part = (v8 *)aligned_alloc(32, part_bytes); /* v8 loads / stores need 32-byte alignment */
     memset(part, 0, part_bytes);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
@@ -158,10 +179,14 @@ void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, in
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             int64_t b = it / chunks, ch = it % chunks;
-            v8 *acc = part + it * R * k;
+            v8 *acc = part + it * R * ko;
             for (int64_t sblk = ch * per; sblk < (ch + 1) * per && sblk < ns; sblk++) {
-                v8 wv[SB];
+                v8 wv[SB], gv[SB];
                 int64_t t0 = sblk * SB * TB;
+                for (int s = 0; s < SB; s++) {
+                    int64_t ts = t0 + s * TB, n = P - ts < TB ? (P - ts > 0 ? P - ts : 0) : TB;
+                    gv[s] = gains_of(gain, b, P, ts, n);
+                }
                 for (int s = 0; s < SB; s++) { /* blocks past P: zero codes (their weights are zero too) */
                     int64_t ts = t0 + s * TB, n = P - ts < TB ? (P - ts > 0 ? P - ts : 0) : TB;
                     if (n > 0) unpack_block(&c, b, ts, n, buf + s * k * TB);
@@ -174,7 +199,10 @@ void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, in
                         wv[s] = (v8){0};
                         if (n > 0) memcpy(&wv[s], wr + ts, sizeof(float) * (size_t)n);
                     }
-                    v8 *ar = acc + r * k;
+                    v8 *ar = acc + r * ko;
+                    ar[k + 1] += (wv[0] + wv[1]) + (wv[2] + wv[3]); /* sum p */
+                    for (int s = 0; s < SB; s++) wv[s] *= gv[s];   /* p g */
+                    ar[k] += (wv[0] + wv[1]) + (wv[2] + wv[3]);     /* sum p g */
                     for (int64_t j = 0; j < k; j++) {
                         v8 c0, c1, c2, c3;
                         memcpy(&c0, buf + j * TB, sizeof c0);
@@ -189,10 +217,31 @@ void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, in
         free(buf);
     }
     for (int64_t b = 0; b < B; b++)
-        for (int64_t x = 0; x < R * k; x++) {
-            v8 s = part[(b * chunks) * R * k + x];
-            for (int64_t ch = 1; ch < chunks; ch++) s += part[(b * chunks + ch) * R * k + x];
-            out[b * R * k + x] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        for (int64_t x = 0; x < R * ko; x++) {
+            v8 s = part[(b * chunks) * R * ko + x];
+            for (int64_t ch = 1; ch < chunks; ch++) s += part[(b * chunks + ch) * R * ko + x];
+            out[b * R * ko + x] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
         }
     free(part);
+}
+
+/* Mid-rise quantisation and packing of N rows of k coefficients (the encode of one new row per
+   step): code = min(max(floor((y + clip) / step), 0), top) (kvsplice/codecs/quant.midrise_codes,
+   the same float32 operations, so the same codes; NaN -> 0), packed at (byte, shift) as
+   packing.pack_fast does. y (N, k) contiguous; out (N, nbytes) is written whole. */
+void kv_quant_pack(const float *y, int64_t N, int64_t k, const float *clip, const float *step, const float *top,
+                   const int32_t *byte, const int32_t *shift, int64_t nbytes, uint8_t *out) {
+    for (int64_t i = 0; i < N; i++) {
+        const float *yi = y + i * k;
+        uint8_t *o = out + i * nbytes;
+        memset(o, 0, (size_t)nbytes);
+        for (int64_t j = 0; j < k; j++) {
+            float v = __builtin_floorf((yi[j] + clip[j]) / step[j]);
+            if (!(v >= 0.0f)) v = 0.0f;
+            if (v > top[j]) v = top[j];
+            uint32_t c = (uint32_t)v << shift[j];
+            o[byte[j]] |= (uint8_t)(c & 0xFF);
+            if (c >> 8) o[byte[j] + 1] |= (uint8_t)(c >> 8);
+        }
+    }
 }
