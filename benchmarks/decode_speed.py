@@ -18,8 +18,10 @@ Method (prefill is not what is measured, and an 8k x 8 CPU prefill per cache wou
 Memory: RSS sampled every 2 ms in a thread during the timed steps; "step_peak_mb" = peak RSS minus
 RSS before the steps (transient buffers of a step: one layer's decoded rows, logits...);
 "cache_mb" = RSS after the fill minus before it (what the cache holds). GPU: not measured.
-Caches "coded" run the "kvsplice-coded" attention (kvsplice/coded_attention.py); "reference" is
-the same codecs read by decoding every row then the model's sdpa (the path before issue 12).
+Caches "coded" run the "kvsplice-coded" attention (kvsplice/coded_attention.py) through the C kernels
+(kvsplice/native; "torch ops": the same attention with the pure-torch unpack + matmuls, as before the
+kernels); "reference" is the same codecs read by decoding every row then the model's sdpa (the path
+before issue 12).
 """
 
 from __future__ import annotations
@@ -106,6 +108,21 @@ def fit_codecs(model, tokenizer, bits_list: list[float]) -> dict:
     return out, scale
 
 
+def _torch_only(codecs: list) -> list:
+    """Copies of LayerCodecs whose coded attention runs the pure-torch path (no C kernels)."""
+    import copy
+    import dataclasses
+
+    from kvsplice.coded_attention import affine_groups
+
+    out = []
+    for c in codecs:
+        c2 = copy.deepcopy(c)
+        c2._affine_groups = [dataclasses.replace(g, native=None, Aext=None) for g in affine_groups(c)]
+        out.append(c2)
+    return out
+
+
 def cache_makers(model, codecs: dict, quick: bool) -> dict:
     """name -> (factory, coded: bool)."""
     from transformers import DynamicCache
@@ -122,6 +139,9 @@ def cache_makers(model, codecs: dict, quick: bool) -> dict:
     for bits, c in codecs.items():
         mk = lambda k, v=c["v"]: (lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=1))  # noqa: E731
         makers[f"pca-q {bits:g}-bit sink=1 coded, K after RoPE"] = (mk(c["k_post"]), True)
+        if bits == 4.0:
+            k_t, v_t = _torch_only(c["k_post"]), _torch_only(c["v"])
+            makers[f"pca-q {bits:g}-bit sink=1 coded, K after RoPE (torch ops)"] = (mk(k_t, v_t), True)
         if bits == 4.0 or not quick:
             makers[f"pca-q {bits:g}-bit sink=1 coded V, K before RoPE"] = (mk(c["k_pre"]), True)
             makers[f"pca-q {bits:g}-bit sink=1 reference (decode + sdpa), K before RoPE"] = (mk(c["k_pre"]), False)
@@ -225,6 +245,12 @@ def _write_json(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def native_status() -> str:
+    from kvsplice import native
+
+    return f"built: {native.library_path().name} ({' '.join(native.FLAGS)})" if native.available() else "unavailable: torch path"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -256,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     makers = cache_makers(model, codecs, args.quick)
     result = {"model": model_id(model), "dtype": "float32", "gpu": "not measured (no GPU lent)",
               "config": {"settings": settings, "threads": args.threads, "reps": args.reps, "bits": args.bits,
-                         "quick": args.quick, "fill": "synthetic rows via cache.update", "timing": "one decode step per rep"},
+                         "quick": args.quick, "fill": "synthetic rows via cache.update", "timing": "one decode step per rep",
+                         "native_kernels": native_status()},
               "load_avg_start": os.getloadavg(), "blocks": {}}
     path = Path(args.json)
     for threads in args.threads:

@@ -183,3 +183,9 @@ def test_coded_attention_refuses_pruning_and_foreign_caches():
     with pytest.raises(KVSpliceError, match="CompressedCache"):
         coded_attention(model, DynamicCache())
     assert model.config._attn_implementation != "kvsplice-coded"
+
+
+def test_package_exposes_the_switch_lazily():
+    import kvsplice
+
+    assert kvsplice.coded_decode is coded_attention

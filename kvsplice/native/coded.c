@@ -13,20 +13,21 @@
                p (B, R, P), o (B, R, k + 2): one matmul with [A; b; mu] finishes the weighted values
    g: per-row gains (B, P) float32, or NULL (all 1).
 
-   Rows go in blocks of 8 (one 8-float vector): a block's codes are unpacked once, transposed
-   (buf[j][8]: code j of the 8 rows), into a buffer that stays in L1; every query row r then uses it
-   (GQA: a KV group's codes are read once for all its query heads). With AVX2 the unpack is one
-   32-bit gather per code and block (8 rows at once); blocks whose 4-byte reads could pass the end of
-   the codes tensor, and partial blocks, use the scalar unpack. Scores keep up to 12 query rows'
-   accumulators in registers; weighted accumulates (R, k) vectors of 8 lanes and sums the lanes at the
-   end. Threads (OpenMP) split the blocks; kv_weighted sums per-thread partials. float32 throughout;
+   Rows go in blocks of 8 (one 8-float vector): a block's bytes are transposed (8x8 byte transposes,
+   SSE2), then each code of the 8 rows is one 16-byte load, two widenings, a shift and a mask (AVX2;
+   a scalar loop otherwise), into a buffer that stays in L1 (buf[j][8]: code j of the 8 rows); every
+   query row r then uses it (GQA: a KV group's codes are read once for all its query heads). Only
+   bytes inside the rows are read. Scores keep up to 12 query rows' accumulators in registers;
+   weighted accumulates (R, k) vectors of 8 lanes and sums the lanes at the end. Threads (OpenMP) split the blocks; kv_weighted sums per-thread partials. float32 throughout;
    sums run in another order than torch's matmul (float tolerance, tests/test_native.py). */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #define TB 8
@@ -38,13 +39,11 @@ typedef struct {
     int64_t B, P, stride_b, stride_p, nbytes;
     const int32_t *byte, *next, *shift, *mask;
     int64_t k;
-    const uint8_t *end; /* one past the last byte of the last row in memory */
 } rows_t;
 
 static rows_t make_rows(const uint8_t *base, int64_t B, int64_t P, int64_t sb, int64_t sp, int64_t nbytes,
                         const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k) {
-    rows_t c = {base, B, P, sb, sp, nbytes, byte, next, shift, mask, k, NULL};
-    c.end = base + (B - 1) * sb + (P - 1) * sp + nbytes; /* strides are >= 0 (torch views of a payload) */
+    rows_t c = {base, B, P, sb, sp, nbytes, byte, next, shift, mask, k};
     return c;
 }
 
@@ -52,32 +51,55 @@ static inline const uint8_t *row_at(const rows_t *c, int64_t b, int64_t t) {
     return c->base + b * c->stride_b + t * c->stride_p;
 }
 
-/* codes of rows t0 .. t0 + n - 1 (n <= 8) of sequence b into buf[j * 8 + i]; lanes i >= n are 0. */
-static void unpack_block(const rows_t *c, int64_t b, int64_t t0, int64_t n, float *buf) {
-    const int64_t k = c->k;
-    const uint8_t *first = row_at(c, b, t0);
-#ifdef __AVX2__
-    if (n == TB && row_at(c, b, t0 + TB - 1) + c->nbytes + 3 <= c->end && c->stride_p * (TB - 1) < INT32_MAX) {
-        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)c->stride_p));
-        for (int64_t j = 0; j < k; j++) {
-            __m256i v = _mm256_i32gather_epi32((const int *)(first + c->byte[j]), idx, 1);
-            v = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(c->shift[j])), _mm256_set1_epi32(c->mask[j]));
-            _mm256_storeu_ps(buf + j * TB, _mm256_cvtepi32_ps(v));
-        }
-        return;
+/* Bytes of 8 rows transposed: tb[byte * 8 + i] = row_i[byte] (rows i >= n read as zeros), then 16
+   zero bytes, so that one 16-byte load at tb + byte * 8 holds a code's two bytes for all 8 rows.
+   SSE2 8x8 byte transposes (unpack 8 -> 16 -> 32 bits), a scalar tail. */
+static void transpose_rows(const uint8_t *rows[TB], int64_t nbytes, uint8_t *tb) {
+    int64_t c0 = 0;
+#ifdef __SSE2__
+    for (; c0 + 8 <= nbytes; c0 += 8) {
+        __m128i r[TB];
+        for (int i = 0; i < TB; i++) r[i] = _mm_loadl_epi64((const __m128i *)(rows[i] + c0));
+        __m128i a0 = _mm_unpacklo_epi8(r[0], r[1]), a1 = _mm_unpacklo_epi8(r[2], r[3]);
+        __m128i a2 = _mm_unpacklo_epi8(r[4], r[5]), a3 = _mm_unpacklo_epi8(r[6], r[7]);
+        __m128i b0 = _mm_unpacklo_epi16(a0, a1), b1 = _mm_unpackhi_epi16(a0, a1);
+        __m128i b2 = _mm_unpacklo_epi16(a2, a3), b3 = _mm_unpackhi_epi16(a2, a3);
+        uint8_t *o = tb + c0 * TB; /* bytes c0 .. c0 + 7, 8 lanes each */
+        _mm_storeu_si128((__m128i *)(o + 0), _mm_unpacklo_epi32(b0, b2));
+        _mm_storeu_si128((__m128i *)(o + 16), _mm_unpackhi_epi32(b0, b2));
+        _mm_storeu_si128((__m128i *)(o + 32), _mm_unpacklo_epi32(b1, b3));
+        _mm_storeu_si128((__m128i *)(o + 48), _mm_unpackhi_epi32(b1, b3));
     }
 #endif
-    for (int64_t i = 0; i < TB; i++) {
-        const uint8_t *row = first + i * c->stride_p;
-        for (int64_t j = 0; j < k; j++) {
-            float f = 0.0f;
-            if (i < n) {
-                uint32_t v = ((uint32_t)row[c->byte[j]] | ((uint32_t)row[c->next[j]] << 8)) >> c->shift[j];
-                f = (float)(v & (uint32_t)c->mask[j]);
-            }
-            buf[j * TB + i] = f;
-        }
+    for (; c0 < nbytes; c0++)
+        for (int i = 0; i < TB; i++) tb[c0 * TB + i] = rows[i][c0];
+    memset(tb + nbytes * TB, 0, 2 * TB);
+}
+
+/* codes of rows t0 .. t0 + n - 1 (n <= 8) of sequence b into buf[j * 8 + i]; lanes i >= n are 0.
+   tb: scratch of (nbytes + 2) * 8 bytes; zero: nbytes zero bytes (the rows past n). */
+static void unpack_block(const rows_t *c, int64_t b, int64_t t0, int64_t n, float *buf, uint8_t *tb, const uint8_t *zero) {
+    const int64_t k = c->k;
+    const uint8_t *rows[TB];
+    for (int i = 0; i < TB; i++) rows[i] = i < n ? row_at(c, b, t0 + i) : zero;
+    transpose_rows(rows, c->nbytes, tb);
+#ifdef __AVX2__
+    for (int64_t j = 0; j < k; j++) {
+        /* next[j] is byte[j] + 1, or byte[j] for a code in a row's last byte (which never spans:
+           its high byte is masked off either way) */
+        __m128i x = _mm_loadu_si128((const __m128i *)(tb + c->byte[j] * TB));
+        __m256i lo = _mm256_cvtepu8_epi32(x), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(x, 8));
+        __m256i v = _mm256_or_si256(lo, _mm256_slli_epi32(hi, 8));
+        v = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(c->shift[j])), _mm256_set1_epi32(c->mask[j]));
+        _mm256_storeu_ps(buf + j * TB, _mm256_cvtepi32_ps(v));
     }
+#else
+    for (int64_t j = 0; j < k; j++) {
+        const uint8_t *lo = tb + c->byte[j] * TB, *hi = tb + c->next[j] * TB;
+        for (int i = 0; i < TB; i++)
+            buf[j * TB + i] = (float)((((uint32_t)lo[i] | ((uint32_t)hi[i] << 8)) >> c->shift[j]) & (uint32_t)c->mask[j]);
+    }
+#endif
 }
 
 static int64_t nblocks_of(int64_t P) { return (P + TB - 1) / TB; }
@@ -90,15 +112,18 @@ void kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
         float *buf = (float *)malloc(sizeof(float) * (size_t)(k * TB));
+        uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             int64_t b = it / nb, t0 = (it % nb) * TB, n = P - t0 < TB ? P - t0 : TB;
-            unpack_block(&c, b, t0, n, buf);
+            unpack_block(&c, b, t0, n, buf, tb, zero);
             float *o = out + (b * P + t0) * k;
             for (int64_t i = 0; i < n; i++)
                 for (int64_t j = 0; j < k; j++) o[i * k + j] = buf[j * TB + i];
         }
         free(buf);
+        free(tb);
+        free(zero);
     }
 }
 
@@ -140,10 +165,11 @@ void kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
         float *buf = (float *)malloc(sizeof(float) * (size_t)(k * TB));
+        uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             int64_t b = it / nb, t0 = (it % nb) * TB, n = P - t0 < TB ? P - t0 : TB;
-            unpack_block(&c, b, t0, n, buf);
+            unpack_block(&c, b, t0, n, buf, tb, zero);
             const v8 g = gains_of(gain, b, P, t0, n);
             for (int64_t r0 = 0; r0 < R; r0 += MAXR) {
                 const float *q = qa + (b * R + r0) * (k + 2);
@@ -155,6 +181,8 @@ void kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
             }
         }
         free(buf);
+        free(tb);
+        free(zero);
     }
 }
 
@@ -176,6 +204,7 @@ void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, in
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
         float *buf = (float *)malloc(sizeof(float) * (size_t)(SB * k * TB));
+        uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             int64_t b = it / chunks, ch = it % chunks;
@@ -189,7 +218,7 @@ void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, in
                 }
                 for (int s = 0; s < SB; s++) { /* blocks past P: zero codes (their weights are zero too) */
                     int64_t ts = t0 + s * TB, n = P - ts < TB ? (P - ts > 0 ? P - ts : 0) : TB;
-                    if (n > 0) unpack_block(&c, b, ts, n, buf + s * k * TB);
+                    if (n > 0) unpack_block(&c, b, ts, n, buf + s * k * TB, tb, zero);
                     else memset(buf + s * k * TB, 0, sizeof(float) * (size_t)(k * TB));
                 }
                 for (int64_t r = 0; r < R; r++) {
@@ -215,6 +244,8 @@ void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, in
             }
         }
         free(buf);
+        free(tb);
+        free(zero);
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t x = 0; x < R * ko; x++) {
