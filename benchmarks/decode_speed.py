@@ -18,6 +18,10 @@ Method (prefill is not what is measured, and an 8k x 8 CPU prefill per cache wou
 Memory: RSS sampled every 2 ms in a thread during the timed steps; "step_peak_mb" = peak RSS minus
 RSS before the steps (transient buffers of a step: one layer's decoded rows, logits...);
 "cache_mb" = RSS after the fill minus before it (what the cache holds). GPU: not measured.
+--malloc mmap (for the memory columns) sets glibc's MALLOC_MMAP_THRESHOLD_=65536 so RSS follows every
+large allocation and free; it also makes each step's fresh large tensors (DynamicCache's torch.cat of
+its K/V, ours too) page-fault in, which slows every cache: tokens/s for the speed table come from
+--malloc default (glibc's own policy, what a user runs), memory from --malloc mmap.
 Caches "coded" run the "kvsplice-coded" attention (kvsplice/coded_attention.py) through the C kernels
 (kvsplice/native; "torch ops": the same attention with the pure-torch unpack + matmuls, as before the
 kernels); "reference" is the same codecs read by decoding every row then the model's sdpa (the path
@@ -27,6 +31,7 @@ before issue 12).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -108,19 +113,18 @@ def fit_codecs(model, tokenizer, bits_list: list[float]) -> dict:
     return out, scale
 
 
-def _torch_only(codecs: list) -> list:
-    """Copies of LayerCodecs whose coded attention runs the pure-torch path (no C kernels)."""
-    import copy
-    import dataclasses
+@contextlib.contextmanager
+def _without_native():
+    """The C kernels switched off (kvsplice.native.available() -> False) for one step: a cache first
+    read in here caches torch-only attention groups, and its encode runs the torch ops."""
+    from kvsplice import native
 
-    from kvsplice.coded_attention import affine_groups
-
-    out = []
-    for c in codecs:
-        c2 = copy.deepcopy(c)
-        c2._affine_groups = [dataclasses.replace(g, native=None, Aext=None) for g in affine_groups(c)]
-        out.append(c2)
-    return out
+    real = native.available
+    native.available = lambda: False
+    try:
+        yield
+    finally:
+        native.available = real
 
 
 def cache_makers(model, codecs: dict, quick: bool) -> dict:
@@ -140,8 +144,7 @@ def cache_makers(model, codecs: dict, quick: bool) -> dict:
         mk = lambda k, v=c["v"]: (lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=1))  # noqa: E731
         makers[f"pca-q {bits:g}-bit sink=1 coded, K after RoPE"] = (mk(c["k_post"]), True)
         if bits == 4.0:
-            k_t, v_t = _torch_only(c["k_post"]), _torch_only(c["v"])
-            makers[f"pca-q {bits:g}-bit sink=1 coded, K after RoPE (torch ops)"] = (mk(k_t, v_t), True)
+            makers[f"pca-q {bits:g}-bit sink=1 coded, K after RoPE (torch ops)"] = (mk(c["k_post"]), True)
         if bits == 4.0 or not quick:
             makers[f"pca-q {bits:g}-bit sink=1 coded V, K before RoPE"] = (mk(c["k_pre"]), True)
             makers[f"pca-q {bits:g}-bit sink=1 reference (decode + sdpa), K before RoPE"] = (mk(c["k_pre"]), False)
@@ -179,11 +182,13 @@ def run_block(model, makers: dict, context: int, batch: int, reps: int, scale: d
     def step(name: str, i: int) -> float:
         coded = makers[name][1]
         switch = coded_attention(model, caches[name]) if coded else None
+        plain = _without_native() if "(torch ops)" in name else contextlib.nullcontext()
         try:
-            pos = torch.full((batch, 1), context + i)
-            t0 = time.perf_counter()
-            model(tok, past_key_values=caches[name], position_ids=pos, use_cache=True)
-            return time.perf_counter() - t0
+            with plain:
+                pos = torch.full((batch, 1), context + i)
+                t0 = time.perf_counter()
+                model(tok, past_key_values=caches[name], position_ids=pos, use_cache=True)
+                return time.perf_counter() - t0
         finally:
             if switch is not None:
                 switch.restore()
@@ -261,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default="docs/results/decode_speed.json")
     ap.add_argument("--png", default="docs/results/decode_speed.png")
+    ap.add_argument("--malloc", choices=("default", "mmap"), default="default",
+                    help="default: glibc's policy (speed); mmap: MALLOC_MMAP_THRESHOLD_=65536 so RSS tracks frees (memory)")
     args = ap.parse_args(argv)
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
+    if args.malloc == "mmap" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
         # glibc raises its mmap threshold after frees, so freed buffers stay in the heap and RSS hides
         # them; a fixed threshold makes every large tensor an mmap, so RSS follows allocation and free
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -283,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": model_id(model), "dtype": "float32", "gpu": "not measured (no GPU lent)",
               "config": {"settings": settings, "threads": args.threads, "reps": args.reps, "bits": args.bits,
                          "quick": args.quick, "fill": "synthetic rows via cache.update", "timing": "one decode step per rep",
-                         "native_kernels": native_status()},
+                         "native_kernels": native_status(), "malloc": args.malloc,
+                         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_")},
               "load_avg_start": os.getloadavg(), "blocks": {}}
     path = Path(args.json)
     for threads in args.threads:

@@ -82,6 +82,9 @@ class _Coded:
     def sink_index(self):
         return None
 
+    def sink_span(self):
+        return None
+
     sink_head = None
 
 

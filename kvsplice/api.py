@@ -52,11 +52,15 @@ class Preset:
     joint_heads: bool
     sink: int
     max_batches: int | None
+    k_rope: str = "pre"  # "post": K coded after RoPE, scored from its codes (the fast decode path)
 
 
 PRESETS = {
     # README section 3: +0.35..0.67 % perplexity at 4.04 bits per cached value on SmolLM2-135M
     "best": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 8),
+    # the fast decode path (issue 12): "best" with K coded AFTER RoPE, so the coded-domain attention
+    # scores K from its codes too (kvsplice.coded_decode); costs quality (README section 5)
+    "fast": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 8, k_rope="post"),
     # issue 13's best live recipe at 2 bits: cross-layer prediction + pca-q on the residual (docs/RESULTS.md)
     "low-bit": Preset("xpred-pca-q", {"bits": 2}, None, ("k", "v"), True, 1, 8),
     # the seed document's Spline->PCA: V only, 64 -> 16 dims, one codec per (layer, head)
@@ -185,7 +189,8 @@ def calibrate_recipe(
     """Calibrate a recipe for `model` in one call: one pass per target (K, V) over `text` (default:
     the calibration split of pydoc_data.topics), a codec fitted per layer -> Recipe.
 
-    preset: "best", "low-bit" or "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
+    preset: "best", "fast" (K after RoPE: faster decode under `kvsplice.coded_decode`), "low-bit" or
+    "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
     parameter only); sink: override its sink; max_batches * seq_len: calibration tokens (default
     4 x 1024, ~20 s for SmolLM2-135M on 2 CPU cores; None: the whole text). allocate="sensitivity":
     `bits` becomes the AVERAGE over layers and K / V, each (layer, K|V) getting its own width from
@@ -263,6 +268,7 @@ def recipe_configs(preset: str = "best", *, codec: str | None = None, bits: floa
     if not targets or any(t not in ("k", "v") for t in targets) or len(set(targets)) != len(targets):
         raise KVSpliceError(f"targets must be a non-empty subset of ('k', 'v'), got {targets!r}")
     joint = p.joint_heads if joint_heads is None else joint_heads
+    calibration.setdefault("k_rope", p.k_rope)
     return {t: CalibrationConfig(codec=codec, rank=rank, target=t, joint_heads=joint, codec_params=dict(merged),
                                  **calibration) for t in targets}
 

@@ -49,7 +49,10 @@ class CalibrationConfig:
     samples: head-vectors kept per layer (reservoir); fit_samples_per_dim: fit subset = this * rank
     vectors per codec (None: all kept vectors); max_batches: forward batches (None: whole text);
     seq_len: tokens per window; batch_size: windows per forward; target: "v" or "k";
-    joint_heads: one codec per layer over the concatenated KV heads; layers: subset (None: all)."""
+    joint_heads: one codec per layer over the concatenated KV heads; layers: subset (None: all);
+    k_rope: "pre" (K coded before RoPE: the quality default, decoded rows at read time) or "post"
+    (K coded as the cache receives it, after RoPE: the coded-domain attention scores it from its
+    codes, kvsplice/coded_attention.py, at some quality cost; docs/RESULTS.md §6)."""
 
     codec: str = "spline-pca"
     rank: int = 16
@@ -65,6 +68,7 @@ class CalibrationConfig:
     seed: int = 0
     layers: tuple[int, ...] | None = None
     codec_params: dict = field(default_factory=dict)
+    k_rope: str = "pre"
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -86,6 +90,8 @@ class CalibrationConfig:
             raise KVSpliceError(f"CalibrationConfig.target must be 'v' or 'k', got {self.target!r}")
         if not isinstance(self.joint_heads, bool):
             raise KVSpliceError(f"CalibrationConfig.joint_heads must be a bool, got {self.joint_heads!r}")
+        if self.k_rope not in ("pre", "post"):
+            raise KVSpliceError(f"CalibrationConfig.k_rope must be 'pre' or 'post', got {self.k_rope!r}")
         if not isinstance(self.seed, int):
             raise KVSpliceError(f"CalibrationConfig.seed must be an int, got {self.seed!r}")
         if self.layers is not None:
@@ -244,7 +250,8 @@ def collect_targets(model, tokenizer, text: str, cfg: CalibrationConfig, targets
     try:
         with contextlib.ExitStack() as stack, torch.no_grad():
             for t in targets:
-                stack.enter_context(adapter.capture(t, sink=make_sink(t), layers=layers))
+                what = "k_post" if t == "k" and cfg.k_rope == "post" else t  # K as the cache receives it
+                stack.enter_context(adapter.capture(what, sink=make_sink(t), layers=layers))
             label = "+".join(t.upper() for t in targets)
             for batch in tqdm(batches, desc=f"calibrate {label}", unit="batch", disable=not progress):
                 pending.update(targets)
@@ -315,6 +322,7 @@ def fit_geometry(
             "codec": cfg.codec,
             "codec_params": json.dumps(kwargs, sort_keys=True),
             "target": cfg.target,
+            **({"k_rope": cfg.k_rope} if cfg.target == "k" else {}),
             "joint_heads": str(cfg.joint_heads).lower(),
             "fit_vectors_per_codec": ",".join(str(v) for v in sorted(n_fit_used)),
             "calibration_config": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -385,6 +393,8 @@ def _run_xpred(model, tokenizer, text: str, cfg: CalibrationConfig, description:
     from kvsplice.codecs.xpred import fit_xpred_geometry
     from kvsplice.loading import model_id
 
+    if cfg.target == "k" and cfg.k_rope == "post":
+        raise KVSpliceError("xpred-pca-q codes K before RoPE (its maps predict pre-RoPE rows); k_rope='post' is not supported")
     if not cfg.joint_heads or cfg.layers is not None:
         raise KVSpliceError("xpred-pca-q predicts each layer from the previous one jointly over its KV heads: "
                             f"it needs joint_heads (--joint-heads) and every layer; got joint_heads={cfg.joint_heads}, layers={cfg.layers}")

@@ -77,12 +77,18 @@ class PreRopeLayerCodec(LayerCodec):
 
 
 def k_layer_codecs(model: Any, geometry: Any) -> list[LayerCodec | None]:
-    """Per-layer K codecs for `model` from a K geometry (fitted on pre-RoPE K, as the adapter
-    captures it): wrapped in `PreRopeLayerCodec` with the layer's rotary lookup where the model has RoPE."""
+    """Per-layer K codecs for `model` from a K geometry. Fitted on pre-RoPE K (meta k_rope "pre", the
+    default): wrapped in `PreRopeLayerCodec` with the layer's rotary lookup where the model has RoPE.
+    Fitted after RoPE (k_rope "post"): plain LayerCodecs on the rows the cache receives."""
     layers, heads, head_dim = model_layout(model)
     if geometry.meta.get("target", "k") != "k":
         raise GeometryError(f"expected a K geometry, found target {geometry.meta.get('target')!r}")
     geometry.check_compatible(layers, heads, head_dim)
+    k_rope = geometry.meta.get("k_rope", "pre")
+    if k_rope not in ("pre", "post"):
+        raise GeometryError(f"K geometry meta k_rope must be 'pre' or 'post', found {k_rope!r}")
+    if k_rope == "post":  # fitted on K as the cache receives it: store and read the rows as they are
+        return [LayerCodec.from_geometry(geometry, l) for l in range(layers)]
     shared: dict = {}  # layers of one type share one lookup (one table)
     out: list[LayerCodec | None] = []
     for l in range(layers):

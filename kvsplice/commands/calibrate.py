@@ -30,9 +30,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", choices=["mix", "docs"], default="mix",
                    help="calibration text when no --data: mix (default) = the calibration parts of docs, code and prose "
                         "interleaved (kvsplice/texts.py; prose needs `make texts`); docs = pydoc_data.topics only")
-    p.add_argument("--preset", choices=["best", "low-bit", "seed"], default="best",
-                   help="best (default): pca-q 4-bit, joint heads, K+V, sink 1; low-bit: xpred-pca-q 2-bit (cross-layer "
-                        "prediction), K+V, sink 1; seed: spline-pca rank 16, per head, V only")
+    p.add_argument("--preset", choices=["best", "fast", "low-bit", "seed"], default="best",
+                   help="best (default): pca-q 4-bit, joint heads, K+V, sink 1; fast: best with K coded after RoPE "
+                        "(decode reads K and V from their codes: faster, some quality lost); low-bit: xpred-pca-q 2-bit "
+                        "(cross-layer prediction), K+V, sink 1; seed: spline-pca rank 16, per head, V only")
+    p.add_argument("--k-rope", choices=["pre", "post"], default=None,
+                   help="code K before RoPE (pre: the quality default) or after it (post: the fast decode path); "
+                        "default: the preset's")
     p.add_argument("--codec", default=None, help="codec registry name (default: the preset's, pca-q / spline-pca)")
     p.add_argument("--rank", type=int, default=None,
                    help="latent dimensions k per vector, for codecs that have a rank (seed preset: 16); an error for pca-q")
@@ -109,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         max_batches=args.max_batches if args.max_batches is not None else preset.max_batches,
         seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         layers=tuple(args.layers) if args.layers else None,
+        **({"k_rope": args.k_rope} if args.k_rope else {}),
     )
     from kvsplice.codecs import get_codec
     from kvsplice.paths import check_outputs

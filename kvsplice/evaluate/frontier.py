@@ -94,10 +94,17 @@ class Calibration:
         self.info.setdefault("allocations", {})[json.dumps(s, sort_keys=True)] = alloc.as_json()
         return alloc, probe.geos
 
-    def _collect(self, target: str) -> Any:
-        if target not in self.collected:
-            from kvsplice.calibrate import CalibrationConfig, collect_targets
+    def _collect(self, target: str, k_rope: str = "pre") -> Any:
+        from kvsplice.calibrate import CalibrationConfig, collect_targets
 
+        if target == "k" and k_rope == "post":  # K after RoPE: its own pass (same windows and seeds)
+            if "k_post" not in self.collected:
+                ccfg = CalibrationConfig.from_dict({**self.cfg.calibration, "k_rope": "post"})
+                t0 = time.perf_counter()
+                self.collected["k_post"] = collect_targets(self.model, self.tokenizer, self._text(), ccfg, ("k",), progress=self.progress)["k"]
+                self.log(f"collected post-RoPE K in {time.perf_counter() - t0:.1f} s")
+            return self.collected["k_post"]
+        if target not in self.collected:
             ccfg = CalibrationConfig.from_dict(dict(self.cfg.calibration))
             t0 = time.perf_counter()  # K and V in one pass: whichever comes second is then free
             self.collected.update(collect_targets(self.model, self.tokenizer, self._text(), ccfg, ("k", "v"), progress=self.progress))
@@ -113,16 +120,19 @@ class Calibration:
         from kvsplice.models import get_adapter
 
         joint = bool(s.get("joint_heads", False))
-        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k", "protocol", *ALLOCATE_KEYS)}
+        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k", "protocol", "k_rope", *ALLOCATE_KEYS)}
+        k_rope = s.get("k_rope", "pre") if target == "k" else "pre"  # V is the same either way
         if getattr(CODECS[s["codec"]], "default_warp", None) == "spline" and "warp" not in codec_params:
             # the seed spline inside a transform coder: train it like the seed's spline-pca rows
             codec_params.setdefault("warp_params", {k: self.cfg.calibration[k] for k in ("epochs", "knots") if k in self.cfg.calibration})
-        key = json.dumps([s["codec"], target, joint, s.get("k"), codec_params], sort_keys=True)
+        key = json.dumps([s["codec"], target, joint, s.get("k"), codec_params] + ([k_rope] if k_rope == "post" else []), sort_keys=True)
         if key not in self.geometries and s["codec"] == "xpred-pca-q":  # every layer on the same tokens, fitted in order
             from kvsplice.codecs.xpred import fit_xpred_geometry
 
             if not joint:
                 raise KVSpliceError("xpred-pca-q predicts jointly over a layer's KV heads: set joint_heads = true")
+            if k_rope == "post":
+                raise KVSpliceError("xpred-pca-q codes K before RoPE: k_rope = \"post\" is not supported")
 
             t0 = time.perf_counter()
             c = self.cfg.calibration
@@ -133,15 +143,15 @@ class Calibration:
             self.info.setdefault("fit_seconds", {})[key] = round(time.perf_counter() - t0, 2)
             self.log(f"fitted xpred-pca-q {target.upper()} {codec_params} in {time.perf_counter() - t0:.1f} s")
         if key not in self.geometries:
-            col = self._collect(target)
+            col = self._collect(target, k_rope)
             ccfg = CalibrationConfig.from_dict({**self.cfg.calibration, "codec": s["codec"], "rank": int(s.get("k", 1)),
-                                                "target": target, "joint_heads": joint, "codec_params": codec_params})
+                                                "target": target, "joint_heads": joint, "codec_params": codec_params, "k_rope": k_rope})
             if "k" not in s:
                 ccfg.fit_samples_per_dim = None  # quantising codecs: fit on every sampled vector
             meta = {"model": model_id(self.model), **{k: str(v) for k, v in get_adapter(self.model).layout().items()},
                     "calibration": "files" if self.cfg.calibration_data else describe_default("calibration"),
                     "tokens": str(col.tokens)}
-            warp_key = json.dumps([s["codec"], target, joint, {k: v for k, v in codec_params.items() if k != "bits"}], sort_keys=True)
+            warp_key = json.dumps([s["codec"], target, joint, k_rope, {k: v for k, v in codec_params.items() if k != "bits"}], sort_keys=True)
             t0 = time.perf_counter()
             donor = self.warps.get(warp_key)
             if donor is not None:
@@ -223,6 +233,7 @@ def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
     extra += f" sink={s['sink']}" if s.get("sink") else ""
     extra += f" K@{s['k_bits']}" if s.get("k_bits") is not None else ""
     extra += f" alloc={s['allocate']}" if s.get("allocate") else ""
+    extra += " K-after-RoPE" if s.get("k_rope") == "post" else ""
     if m.kind == "codec":
         joint = " joint" if s.get("joint_heads") else ""
         return f"{key}={s[key]} {s.get('target', 'v').upper()}{joint}{extra}"

@@ -82,6 +82,7 @@ class MethodSpec:
             _check(_is_int(self.params.get("window", 0)) and self.params.get("window", 0) >= 0, f"{w}: params.window must be an int >= 0")
             _check(_is_int(self.params.get("sink", 0)) and self.params.get("sink", 0) >= 0, f"{w}: params.sink must be an int >= 0")
             _check(self.params.get("k_bits") is None or self.params.get("target") == "kv", f"{w}: params.k_bits needs target = \"kv\"")
+            _check(self.params.get("k_rope", "pre") in ("pre", "post"), f"{w}: params.k_rope must be \"pre\" or \"post\", got {self.params.get('k_rope')!r}")
             _check(self.params.get("protocol", "auto") in ("auto", "prefill-continue"),
                    f"{w}: params.protocol must be \"auto\" (teacher-forced where exact) or \"prefill-continue\", got {self.params.get('protocol')!r}")
         elif self.kind == "prune":
@@ -105,7 +106,7 @@ class MethodSpec:
                 if "allocate" in s:
                     check_allocation_params(s, f"methods.{self.name}")
                 get_codec(s["codec"], **{k: v for k, v in s.items()
-                                         if k not in ("codec", "target", "joint_heads", "window", "sink", "k_bits", "protocol", *ALLOCATE_KEYS)})
+                                         if k not in ("codec", "target", "joint_heads", "window", "sink", "k_bits", "protocol", "k_rope", *ALLOCATE_KEYS)})
 
     def settings(self) -> list[dict[str, Any]]:
         (key, values), = self.sweep.items()

@@ -29,7 +29,7 @@ from torch import nn
 
 from kvsplice.errors import ModelError
 
-TARGETS = ("v", "k")
+TARGETS = ("v", "k", "k_post")  # k: K before RoPE; k_post: K as the cache receives it (after RoPE)
 Sink = Callable[[int, torch.Tensor], None]
 
 
@@ -128,6 +128,8 @@ class ModelAdapter(ABC):
         if target not in TARGETS:
             raise ModelError(f"capture target must be one of {TARGETS}, got {target!r}")
         if not self.uses_cache:
+            if target == "k_post":
+                raise ModelError(f"{type(self.model).__name__} passes no transformers Cache: post-RoPE K cannot be captured where a cache would receive it")
             with self.capture_hooks(target, sink, layers) as cap:
                 yield cap
             return
@@ -137,7 +139,7 @@ class ModelAdapter(ABC):
         H, D = self.num_kv_heads, self.head_dim
 
         def on_kv(rec) -> None:
-            x = rec.keys_pre_rope if target == "k" else rec.values
+            x = rec.keys_pre_rope if target == "k" else rec.keys if target == "k_post" else rec.values
             if x.dim() != 4 or (x.shape[1], x.shape[3]) != (H, D):
                 raise ModelError(f"layer {rec.layer}: expected cached {target.upper()} of shape (B, {H}, T, {D}), found {tuple(x.shape)}")
             cap.sink(rec.layer, x)
@@ -151,8 +153,8 @@ class ModelAdapter(ABC):
     ) -> Iterator[Capture]:
         """The projection-hook capture (`_hook_module` output split into heads): for models without a
         transformers Cache. K is the projection output (no norm, no RoPE)."""
-        if target not in TARGETS:
-            raise ModelError(f"capture target must be one of {TARGETS}, got {target!r}")
+        if target not in TARGETS or target == "k_post":
+            raise ModelError(f"projection-hook capture target must be 'v' or 'k' (before RoPE), got {target!r}")
         cap = Capture(target, sink)
         handles = []
         try:
