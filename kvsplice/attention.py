@@ -67,7 +67,11 @@ def kvsplice_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention. query (B, Hq, q, D); key, value (B, H, S, D) with Hq a multiple of H (GQA).
-    Returns output (B, q, Hq, D) and probabilities (B, Hq, q, S); gives the latter to the cache layer."""
+    Returns output (B, q, Hq, D) and probabilities (B, Hq, q, S); gives the latter to the cache layer.
+    Logit soft-capping / attention-sink logits are not implemented: refused, never ignored."""
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ModelError(f"kvsplice attention does not implement {name!r} (this model passes one)")
     B, Hq, q, D = query.shape
     groups = Hq // key.shape[1]
     if kvsplice_layer is not None and getattr(module, "layer_idx", None) not in (None, kvsplice_layer.layer_idx):

@@ -39,6 +39,8 @@ from kvsplice.codecs.packing import Layout, transposed_plan, unpack_fast_t
 from kvsplice.errors import KVSpliceError, ModelError
 
 NAME = "kvsplice-coded"
+NATIVE_MAX_ROWS = 64  # query rows per group above which (prefill chunks) the torch matmuls run instead:
+# the C kernels are built for decode (a few rows per KV group); their scratch grows with the rows
 
 
 @dataclass
@@ -175,7 +177,7 @@ def _coded_scores(qg: torch.Tensor, key: "CodedRows") -> torch.Tensor:
     B, _, Gq, _ = qg.shape
     for g in key.groups:  # one affine group per codec (joint: all heads)
         qh = qg[:, g.h0 : g.h0 + g.n]  # (B, n, Gq, hd)
-        if g.native is not None:  # C kernel: (A q . c_t + q . b) g_t + q . mu straight from the packed bytes
+        if g.native is not None and g.n * Gq <= NATIVE_MAX_ROWS:  # C kernel: (A q . c_t + q . b) g_t + q . mu straight from the packed bytes
             qa = (qh @ g.Aext.transpose(1, 2)).reshape(B, g.n * Gq, -1)  # (B, n*Gq, k + 2)
             parts.append(native.scores(key.packed(g), g.native, qa, key.gain_rows(g)).view(B, g.n, Gq, -1))
             continue
@@ -226,7 +228,7 @@ def _weighted_values(p: torch.Tensor, value: Any) -> torch.Tensor:
     B, _, Gq, _ = p.shape
     for g in value.groups:
         ph = p[:, g.h0 : g.h0 + g.n, :, :P]  # (B, n, Gq, P)
-        if g.native is not None:  # C kernel: [sum p g c, sum p g, sum p] from the packed bytes, then one matmul
+        if g.native is not None and g.n * Gq <= NATIVE_MAX_ROWS:  # C kernel: [sum p g c, sum p g, sum p] from the packed bytes, then one matmul
             c = native.weighted(value.packed(g), g.native, ph.reshape(B, g.n * Gq, P), value.gain_rows(g))
             heads.append(c.view(B, g.n, Gq, -1) @ g.Aext)
             continue
@@ -251,8 +253,13 @@ def coded_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query (B, Hq, q, D); key / value: (B, H, S, D) tensors or CodedRows (same S, token order).
-    Returns (B, q, Hq, D) in query's dtype and no probabilities."""
+    Returns (B, q, Hq, D) in query's dtype and no probabilities. Logit soft-capping (Gemma 2) and
+    attention-sink logits (gpt-oss `s_aux`) are not implemented: refused, never ignored."""
     from kvsplice.attention import _allowed
+
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ModelError(f"{NAME} attention does not implement {name!r} (this model passes one): use the reference path")
 
     B, Hq, q, D = query.shape
     H = key.num_heads if isinstance(key, CodedRows) else key.shape[1]
@@ -284,12 +291,17 @@ def register_coded_attention() -> None:
     AttentionMaskInterface.register(NAME, kvsplice_mask)
 
 
-def coded_supported(cache: Any) -> str | None:
+def coded_supported(cache: Any, model: Any = None) -> str | None:
     """None when `coded_attention(model, cache)` runs and reads some codes without decoding them;
-    else why not (a pruner, not a CompressedCache, or no layer with an affine codec: warps, cross-layer
-    prediction). K coded before RoPE still decodes K; its V is read in the coded domain."""
+    else why not (a pruner, not a CompressedCache, no layer with an affine codec: warps, cross-layer
+    prediction; a model whose attention soft-caps its logits). K coded before RoPE still decodes K;
+    its V is read in the coded domain."""
     from kvsplice.cache import CompressedCache
 
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    if cfg is not None and getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return "the model soft-caps its attention logits (not implemented in the coded attention)"
     if not isinstance(cache, CompressedCache):
         return f"not a CompressedCache ({type(cache).__name__})"
     if getattr(cache, "pruner", None) is not None:

@@ -189,3 +189,41 @@ def test_package_exposes_the_switch_lazily():
     import kvsplice
 
     assert kvsplice.coded_decode is coded_attention
+
+
+def test_softcapping_is_refused_not_ignored():
+    """Gemma 2 style logit soft-capping: the coded attention refuses it (and says so up front)."""
+    from kvsplice.coded_attention import coded_attention_forward, coded_supported
+
+    q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(Exception, match="softcap"):
+        coded_attention_forward(torch.nn.Module(), q, kv, kv, None, softcap=30.0)
+    model = make_tiny_llama()
+    model.config.attn_logit_softcapping = 30.0
+    cache = CompressedCache(L, v_codecs=_codecs(True, 4.0, 0))
+    assert "soft-caps" in coded_supported(cache, model)
+    model.config.attn_logit_softcapping = None
+    assert coded_supported(cache, model) is None
+
+
+def test_sliding_layer_with_an_empty_payload_runs_at_two_threads(kernels):
+    """A sliding layer whose rows all sit in the raw window holds a 0-row payload; the coded path
+    (C kernels at 2 threads) must equal the reference there."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    v, k = _codecs(False, 4.0, seed=0), _codecs(False, 4.0, seed=100)
+    make = lambda: CompressedCache(L, v_codecs=v, k_codecs=k, window=4, sliding_windows=[4, None])  # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, ref_seq = _scores(model, make, coded=False, batch=_same_length)
+        fast, fast_seq = _scores(model, make, coded=True, batch=_same_length)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast_seq, ref_seq)

@@ -116,3 +116,36 @@ def test_encode_through_the_c_kernel_gives_the_same_bytes(bits, scale, monkeypat
     assert fast.keys() == slow.keys()
     for name in fast:
         assert torch.equal(fast[name], slow[name]), name
+
+
+@needs_cc
+def test_empty_payload_and_two_threads_do_not_crash():
+    """A sliding layer can hold 0 payload rows (every row raw): P = 0 with 2 threads used to divide by 0."""
+    packed, lay = _payload([4] * 8, 1, 1)
+    co = native.code_order(lay, transposed_plan(lay).order)
+    empty = packed[:, 0, :0]  # (1, 0, 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(native.weighted(empty, co, torch.zeros(1, 3, 0)), torch.zeros(1, 3, co.k + 2))
+        assert native.scores(empty, co, torch.zeros(1, 3, co.k + 2)).shape == (1, 3, 0)
+        assert native.unpack(empty, co).shape == (1, 0, co.k)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cc
+def test_strided_bytes_and_foreign_devices():
+    """Bytes of a row at a stride (or stride 0) are copied before the kernel reads them; non-CPU
+    operands are refused, never read as pointers."""
+    packed, lay = _payload([4] * 8, 2, 3)
+    co = native.code_order(lay, transposed_plan(lay).order)
+    wide = torch.stack([packed[:, 0], torch.zeros_like(packed[:, 0])], dim=-1).flatten(-2)  # (2, 3, 8): bytes at stride 2
+    view = wide[..., ::2]
+    assert view.stride(-1) == 2
+    assert torch.equal(native.unpack(view, co), unpack_fast_t(view.contiguous(), lay).transpose(-1, -2))
+    qa = torch.randn(2, 1, co.k + 2)
+    with pytest.raises(ValueError, match="qa must be a CPU tensor"):
+        native.scores(view, co, qa.to("meta"))
+    with pytest.raises(ValueError, match="gain must be a CPU tensor"):
+        native.scores(view, co, qa, torch.ones(2, 3, device="meta"))

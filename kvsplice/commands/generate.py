@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
         cache, ids, mask = prompt_cache_inputs(args.prompt_cache, model, recipe, tokenizer, args.prompt)
 
-    why_not = coded_supported(cache)
+    why_not = coded_supported(cache, model)
     if args.attention == "coded" and why_not:
         raise KVSpliceError(f"--attention coded: this cache cannot use it ({why_not})")
     coded = args.attention != "reference" and why_not is None

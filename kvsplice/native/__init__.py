@@ -88,12 +88,15 @@ def build(force: bool = False) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> Any:
-    lib = ctypes.CDLL(str(build()))
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except OSError:  # a truncated / foreign file at the hashed path: rebuild it once
+        lib = ctypes.CDLL(str(build(force=True)))
     for name in ("kv_scores", "kv_weighted"):
         getattr(lib, name).argtypes = [*_ROWS, _F32P, _I64, _F32P, _F32P, ctypes.c_int]
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int
     lib.kv_unpack.argtypes = [*_ROWS, _F32P, ctypes.c_int]
-    lib.kv_unpack.restype = None
+    lib.kv_unpack.restype = ctypes.c_int
     lib.kv_quant_pack.argtypes = [_F32P, _I64, _I64, _F32P, _F32P, _F32P, _I32P, _I32P, _I64, _U8P]
     lib.kv_quant_pack.restype = None
     return lib
@@ -142,22 +145,40 @@ def code_order(lay: Any, order: Any) -> CodeOrder:
 
 
 def _rows_args(codes: Any, co: CodeOrder) -> list:
-    """codes (B, P, nbytes) uint8 CPU with unit last stride -> the kernels' first arguments."""
+    """codes (B, P, nbytes) uint8 CPU -> the kernels' first arguments (bytes of a row adjacent: a
+    copy otherwise; rows and sequences at any non-negative strides)."""
     import torch
 
     if codes.dtype != torch.uint8 or codes.dim() != 3 or codes.shape[-1] != co.nbytes or codes.device.type != "cpu":
         raise ValueError(f"native kernels: codes must be uint8 CPU (B, P, {co.nbytes}), got {codes.dtype} {tuple(codes.shape)} on {codes.device}")
-    if codes.shape[1] > 1 and codes.stride(2) != 1:
+    if (codes.shape[2] > 1 and codes.stride(2) != 1) or codes.stride(0) < 0 or codes.stride(1) < 0:
         codes = codes.contiguous()
     B, P, nb = codes.shape
     return [codes.data_ptr(), B, P, codes.stride(0), codes.stride(1), nb,
             co.byte.data_ptr(), co.next.data_ptr(), co.shift.data_ptr(), co.mask.data_ptr(), co.k], codes
 
 
+_PID = os.getpid()
+
+
 def _threads() -> int:
+    """torch's thread count; 1 in a forked child (the OpenMP runtime is not fork-safe)."""
     import torch
 
-    return max(1, torch.get_num_threads())
+    return 1 if os.getpid() != _PID else max(1, torch.get_num_threads())
+
+
+def _cpu_float(name: str, t: Any) -> Any:
+    import torch
+
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+        raise ValueError(f"native kernels: {name} must be a CPU tensor, got {getattr(t, 'device', type(t).__name__)}")
+    return t.float().contiguous()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"native {what}: the kernel could not allocate its scratch buffers")
 
 
 def unpack(codes: Any, co: CodeOrder) -> Any:
@@ -165,17 +186,19 @@ def unpack(codes: Any, co: CodeOrder) -> Any:
     import torch
 
     lead = codes.shape[:-2]
+    if codes.numel() == 0:
+        return torch.zeros(*lead, codes.shape[-2], co.k, dtype=torch.float32)
     flat = codes.reshape(-1, *codes.shape[-2:])
     args, flat = _rows_args(flat, co)
     out = torch.empty(flat.shape[0], flat.shape[1], co.k, dtype=torch.float32)
-    _lib().kv_unpack(*args, out.data_ptr(), _threads())
+    _check(_lib().kv_unpack(*args, out.data_ptr(), _threads()), "unpack")
     return out.view(*lead, flat.shape[1], co.k)
 
 
 def _gains(gain: Any, B: int, P: int) -> tuple[int | None, Any]:
     if gain is None:
         return None, None
-    gain = gain.float().contiguous()
+    gain = _cpu_float("gain", gain)
     if gain.shape != (B, P):
         raise ValueError(f"native kernels: gains must be (B={B}, P={P}), got {tuple(gain.shape)}")
     return gain.data_ptr(), gain
@@ -187,13 +210,14 @@ def scores(codes: Any, co: CodeOrder, qa: Any, gain: Any = None) -> Any:
     import torch
 
     args, codes = _rows_args(codes, co)
-    qa = qa.float().contiguous()
+    qa = _cpu_float("qa", qa)
     B, P = codes.shape[:2]
     if qa.dim() != 3 or qa.shape[0] != B or qa.shape[2] != co.k + 2:
         raise ValueError(f"native scores: qa must be (B={B}, R, k+2={co.k + 2}), got {tuple(qa.shape)}")
     g, _alive = _gains(gain, B, P)  # _alive: the float gains outlive the call
     out = torch.empty(B, qa.shape[1], P, dtype=torch.float32)
-    _lib().kv_scores(*args, qa.data_ptr(), qa.shape[1], g, out.data_ptr(), _threads())
+    if out.numel():
+        _check(_lib().kv_scores(*args, qa.data_ptr(), qa.shape[1], g, out.data_ptr(), _threads()), "scores")
     return out
 
 
@@ -203,13 +227,14 @@ def weighted(codes: Any, co: CodeOrder, p: Any, gain: Any = None) -> Any:
     import torch
 
     args, codes = _rows_args(codes, co)
-    p = p.float().contiguous()
+    p = _cpu_float("p", p)
     B, P = codes.shape[:2]
     if p.dim() != 3 or p.shape[0] != B or p.shape[2] != P:
         raise ValueError(f"native weighted: p must be (B={B}, R, P={P}), got {tuple(p.shape)}")
     g, _alive = _gains(gain, B, P)  # _alive: the float gains outlive the call
-    out = torch.empty(B, p.shape[1], co.k + 2, dtype=torch.float32)
-    _lib().kv_weighted(*args, p.data_ptr(), p.shape[1], g, out.data_ptr(), _threads())
+    out = torch.zeros(B, p.shape[1], co.k + 2, dtype=torch.float32)
+    if out.numel() and P:
+        _check(_lib().kv_weighted(*args, p.data_ptr(), p.shape[1], g, out.data_ptr(), _threads()), "weighted")
     return out
 
 

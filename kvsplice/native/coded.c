@@ -104,17 +104,24 @@ static void unpack_block(const rows_t *c, int64_t b, int64_t t0, int64_t n, floa
 
 static int64_t nblocks_of(int64_t P) { return (P + TB - 1) / TB; }
 
-void kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
+int kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
                const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
                float *out, int nthreads) {
     rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
     const int64_t nb = nblocks_of(P), items = B * nb;
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
         float *buf = (float *)malloc(sizeof(float) * (size_t)(k * TB));
         uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
+        const int ok = buf != NULL && tb != NULL && zero != NULL;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
+            if (!ok) continue;
             int64_t b = it / nb, t0 = (it % nb) * TB, n = P - t0 < TB ? P - t0 : TB;
             unpack_block(&c, b, t0, n, buf, tb, zero);
             float *o = out + (b * P + t0) * k;
@@ -125,6 +132,7 @@ void kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
         free(tb);
         free(zero);
     }
+    return failed ? -1 : 0;
 }
 
 /* s[r][t0 + i] = sum_j q[r][j] * buf[j][i] for NR (compile-time after inlining) query rows. */
@@ -157,17 +165,24 @@ static inline v8 gains_of(const float *gain, int64_t b, int64_t P, int64_t t0, i
     return g;
 }
 
-void kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
+int kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
                const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
                const float *qa, int64_t R, const float *gain, float *out, int nthreads) {
     rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
     const int64_t nb = nblocks_of(P), items = B * nb;
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
         float *buf = (float *)malloc(sizeof(float) * (size_t)(k * TB));
         uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
+        const int ok = buf != NULL && tb != NULL && zero != NULL;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
+            if (!ok) continue;
             int64_t b = it / nb, t0 = (it % nb) * TB, n = P - t0 < TB ? P - t0 : TB;
             unpack_block(&c, b, t0, n, buf, tb, zero);
             const v8 g = gains_of(gain, b, P, t0, n);
@@ -184,29 +199,39 @@ void kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int6
         free(tb);
         free(zero);
     }
+    return failed ? -1 : 0;
 }
 
 #define SB 4 /* kv_weighted: blocks per pass, so each accumulator load / store carries SB FMAs */
 
-void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
+int kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
                  const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
                  const float *w, int64_t R, const float *gain, float *out, int nthreads) {
     rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
     const int64_t nb = nblocks_of(P), ns = (nb + SB - 1) / SB;
     /* work item = (b, chunk of super-blocks of SB * 8 rows) with its own partial: (R, k) vectors of 8
        lanes (one per row of a block), summed over lanes and chunks at the end */
-    const int64_t chunks = nthreads > 1 ? (ns < nthreads ? ns : nthreads) : 1;
+    int64_t chunks = nthreads > 1 ? (ns < nthreads ? ns : nthreads) : 1;
+    if (chunks < 1) chunks = 1; /* P = 0: one empty chunk (the output is zeros) */
     const int64_t items = B * chunks, per = (ns + chunks - 1) / chunks;
     const int64_t ko = k + 2; /* partial / output row: the codes' sums, sum p g, sum p */
     const size_t part_bytes = sizeof(v8) * (size_t)(items * R * ko);
-    v8 *part = (v8 *)aligned_alloc(32, part_bytes); /* v8 loads / stores need 32-byte alignment */
+    v8 *part = (v8 *)aligned_alloc(32, part_bytes > 0 ? part_bytes : 32); /* v8 loads / stores need 32-byte alignment */
+    if (part == NULL) return -1;
     memset(part, 0, part_bytes);
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
         float *buf = (float *)malloc(sizeof(float) * (size_t)(SB * k * TB));
         uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
+        const int ok = buf != NULL && tb != NULL && zero != NULL;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
+            if (!ok) continue;
             int64_t b = it / chunks, ch = it % chunks;
             v8 *acc = part + it * R * ko;
             for (int64_t sblk = ch * per; sblk < (ch + 1) * per && sblk < ns; sblk++) {
@@ -254,6 +279,7 @@ void kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, in
             out[b * R * ko + x] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
         }
     free(part);
+    return failed ? -1 : 0;
 }
 
 /* Mid-rise quantisation and packing of N rows of k coefficients (the encode of one new row per
