@@ -242,6 +242,38 @@ def _weighted_values(p: torch.Tensor, value: Any) -> torch.Tensor:
     return o if out is None else o + out
 
 
+def _decode_step(qg: torch.Tensor, key: "CodedRows", value: "CodedRows", allowed: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """One decode step (q = 1) with every row in the payloads and every group on the C kernels: per
+    group one C call for the scores (sink, scaling, mask inside), the softmax, one C call for the
+    values (sink rows, [A; b; mu] inside). qg (B, H, G, D) -> (B, H, G, D) float32, or None when this
+    does not apply (raw rows, another layout): the general path runs."""
+    B, H, G, D = qg.shape
+    P = key.num_payload
+    if key.raw.shape[2] or value.raw.shape[2] or value.num_payload != P or (key.sink_head is None) != (value.sink_head is None):
+        return None
+    if any(g.native is None or g.n * G > NATIVE_MAX_ROWS for g in (*key.groups, *value.groups)):
+        return None
+    al = allowed.reshape(allowed.shape[0], allowed.shape[-1])  # (B | 1, P): q = 1
+    al = None if bool(al.all()) else al.expand(B, P)
+    sink_col = None
+    if key.sink_rows is not None:
+        r = key.sink_rows
+        sink_col = torch.where((r >= 0) & (r < P), r, torch.full_like(r, -1)).long()  # (B, ns), -1: empty slot
+    s = qg.new_empty(B, H, G, P)
+    for g in key.groups:
+        qh = qg[:, g.h0 : g.h0 + g.n]  # (B, n, G, D)
+        qa = (qh @ g.Aext.transpose(1, 2)).reshape(B, g.n * G, -1)  # (B, n*G, k + 2)
+        ss = None if sink_col is None else (qh @ key.sink_head[:, g.h0 : g.h0 + g.n].float().transpose(2, 3)).reshape(B, g.n * G, -1)
+        s[:, g.h0 : g.h0 + g.n] = native.step_scores(key.packed(g), g.native, qa, key.gain_rows(g), ss, sink_col, al, scaling).view(B, g.n, G, P)
+    p = nn.functional.softmax(s, dim=-1)
+    out = qg.new_empty(B, H, G, D)
+    for g in value.groups:
+        ph = p[:, g.h0 : g.h0 + g.n].reshape(B, g.n * G, P).contiguous()  # modified by the kernel (sink columns)
+        sv = None if sink_col is None else value.sink_head[:, g.h0 : g.h0 + g.n]
+        out[:, g.h0 : g.h0 + g.n] = native.step_values(value.packed(g), g.native, ph, value.gain_rows(g), sink_col, sv, g.Aext).view(B, g.n, G, D)
+    return out
+
+
 def coded_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -269,6 +301,13 @@ def coded_attention_forward(
         raise ModelError(f"{NAME} attention: {Hq} query heads over {H} KV heads, {S} key rows and {Sv} value rows")
     G = Hq // H
     qg = query.float().reshape(B, H, G * q, D)  # query head h*G + j -> rows j*q .. j*q + q - 1 of group h
+    scale = D**-0.5 if scaling is None else scaling
+    if q == 1 and isinstance(key, CodedRows) and isinstance(value, CodedRows) and not (module.training and dropout):
+        allowed = _allowed(attention_mask, None, q, S, query.device)  # (B | 1, 1, 1, S)
+        if allowed.shape[1] == 1:
+            out = _decode_step(qg, key, value, allowed, scale)
+            if out is not None:  # the decode step in C (its glue too); else the general path below
+                return out.reshape(B, Hq, q, D).transpose(1, 2).contiguous().to(query.dtype), None
     scores = _scores(qg, key) * (D**-0.5 if scaling is None else scaling)  # (B, H, G*q, S)
     allowed = _allowed(attention_mask, None, q, S, query.device)  # (B | 1, 1, q, S)
     if allowed.shape[1] != 1:

@@ -227,3 +227,25 @@ def test_sliding_layer_with_an_empty_payload_runs_at_two_threads(kernels):
         torch.set_num_threads(before)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_seq, ref_seq)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("sink", [0, 1])
+def test_decode_steps_run_the_fused_c_path_and_equal_the_reference(joint, sink, monkeypatch):
+    """Decode steps (q = 1, window 0) take `_decode_step` (scores, sink, mask, values in C) on a
+    left-padded batch (masks and per-sequence sink columns differ) and equal the decode path."""
+    if not native.available():
+        pytest.skip("native kernels unavailable (no C compiler)")
+    from kvsplice import coded_attention as ca
+
+    model = make_tiny_llama()
+    v, k = _codecs(joint, 4.0, seed=0), _codecs(joint, 4.0, seed=100)
+    make = lambda: CompressedCache(L, v_codecs=v, k_codecs=k, sink=sink)  # noqa: E731
+    taken = []
+    real = ca._decode_step
+    monkeypatch.setattr(ca, "_decode_step", lambda *a: taken.append(real(*a)) or taken[-1])
+    ref, ref_seq = _scores(model, make, coded=False)
+    fast, fast_seq = _scores(model, make, coded=True)
+    assert taken and all(t is not None for t in taken)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast_seq, ref_seq)

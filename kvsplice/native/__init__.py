@@ -97,6 +97,11 @@ def _lib() -> Any:
         getattr(lib, name).restype = ctypes.c_int
     lib.kv_unpack.argtypes = [*_ROWS, _F32P, ctypes.c_int]
     lib.kv_unpack.restype = ctypes.c_int
+    lib.kv_step_scores.argtypes = [*_ROWS, _F32P, _I64, _F32P, _F32P, ctypes.c_void_p, _I64, ctypes.c_void_p,
+                                   ctypes.c_float, _F32P, ctypes.c_int]
+    lib.kv_step_scores.restype = ctypes.c_int
+    lib.kv_step_values.argtypes = [*_ROWS, _F32P, _I64, _F32P, ctypes.c_void_p, _I64, _F32P, _F32P, _I64, _I64, _F32P, ctypes.c_int]
+    lib.kv_step_values.restype = ctypes.c_int
     lib.kv_quant_pack.argtypes = [_F32P, _I64, _I64, _F32P, _F32P, _F32P, _I32P, _I32P, _I64, _U8P]
     lib.kv_quant_pack.restype = None
     return lib
@@ -272,4 +277,70 @@ def quant_pack(y: Any, qt: QuantTables) -> Any:
     out = torch.empty(*y.shape[:-1], qt.nbytes, dtype=torch.uint8)
     _lib().kv_quant_pack(flat.data_ptr(), flat.shape[0], k, qt.clip.data_ptr(), qt.step.data_ptr(), qt.top.data_ptr(),
                          qt.byte.data_ptr(), qt.shift.data_ptr(), qt.nbytes, out.data_ptr())
+    return out
+
+
+def _sink_args(sink_col: Any, B: int) -> tuple[int | None, int, Any]:
+    import torch
+
+    if sink_col is None:
+        return None, 0, None
+    if sink_col.dtype != torch.long or sink_col.dim() != 2 or sink_col.shape[0] != B or sink_col.device.type != "cpu":
+        raise ValueError(f"native step: sink columns must be int64 CPU (B={B}, n), got {sink_col.dtype} {tuple(sink_col.shape)}")
+    sink_col = sink_col.contiguous()
+    return sink_col.data_ptr(), sink_col.shape[1], sink_col
+
+
+def step_scores(codes: Any, co: CodeOrder, qa: Any, gain: Any, sink_s: Any, sink_col: Any, allowed: Any, scaling: float) -> Any:
+    """Scaled, masked scores of one group for one decode step: codes (B, P, nbytes), qa (B, R, k + 2),
+    gain (B, P) | None, sink_s (B, R, ns) exact (unscaled) sink scores | None, sink_col (B, ns) int64
+    (-1: empty) | None, allowed (B, P) bool | None -> (B, R, P) float32 (-FLT_MAX where not allowed)."""
+    import torch
+
+    args, codes = _rows_args(codes, co)
+    qa = _cpu_float("qa", qa)
+    B, P = codes.shape[:2]
+    R = qa.shape[1]
+    if qa.dim() != 3 or qa.shape[0] != B or qa.shape[2] != co.k + 2:
+        raise ValueError(f"native step_scores: qa must be (B={B}, R, k+2={co.k + 2}), got {tuple(qa.shape)}")
+    g, _g = _gains(gain, B, P)
+    sc, ns, _c = _sink_args(sink_col, B)
+    ss = None if sink_s is None else _cpu_float("sink_s", sink_s)
+    if ss is not None and ss.shape != (B, R, ns):
+        raise ValueError(f"native step_scores: sink scores must be (B={B}, R={R}, ns={ns}), got {tuple(ss.shape)}")
+    al = None if allowed is None else allowed.to(torch.uint8).contiguous()
+    if al is not None and (al.shape != (B, P) or al.device.type != "cpu"):
+        raise ValueError(f"native step_scores: allowed must be CPU (B={B}, P={P}), got {tuple(al.shape)} on {al.device}")
+    out = torch.empty(B, R, P, dtype=torch.float32)
+    if out.numel():
+        _check(_lib().kv_step_scores(*args, qa.data_ptr(), R, g, None if ss is None else ss.data_ptr(), sc, ns,
+                                     None if al is None else al.data_ptr(), float(scaling), out.data_ptr(), _threads()), "step_scores")
+    return out
+
+
+def step_values(codes: Any, co: CodeOrder, p: Any, gain: Any, sink_col: Any, sink_v: Any, Aext: Any) -> Any:
+    """Attention output of one group for one decode step: codes (B, P, nbytes), p (B, R, P) float32
+    contiguous (MODIFIED: sink columns zeroed), gain (B, P) | None, sink_col (B, ns) | None, sink_v
+    (B, n, ns, hd) exact sink rows | None, Aext (n, k + 2, hd) -> (B, R, hd) float32."""
+    import torch
+
+    args, codes = _rows_args(codes, co)
+    B, P = codes.shape[:2]
+    if not (isinstance(p, torch.Tensor) and p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu"
+            and p.dim() == 3 and p.shape[0] == B and p.shape[2] == P):
+        raise ValueError(f"native step_values: p must be contiguous float32 CPU (B={B}, R, P={P}), got {getattr(p, 'shape', None)}")
+    Aext = _cpu_float("Aext", Aext)
+    n, ko, hd = Aext.shape
+    R = p.shape[1]
+    if ko != co.k + 2 or R % n:
+        raise ValueError(f"native step_values: Aext must be (n, k+2={co.k + 2}, hd) with n dividing R={R}, got {tuple(Aext.shape)}")
+    g, _g = _gains(gain, B, P)
+    sc, ns, _c = _sink_args(sink_col, B)
+    sv = None if sink_v is None else _cpu_float("sink_v", sink_v)
+    if sv is not None and sv.shape != (B, n, ns, hd):
+        raise ValueError(f"native step_values: sink rows must be (B={B}, n={n}, ns={ns}, hd={hd}), got {tuple(sv.shape)}")
+    out = torch.zeros(B, R, hd, dtype=torch.float32)
+    if out.numel():
+        _check(_lib().kv_step_values(*args, p.data_ptr(), R, g, sc, ns, None if sv is None else sv.data_ptr(),
+                                     Aext.data_ptr(), n, hd, out.data_ptr(), _threads()), "step_values")
     return out

@@ -302,3 +302,74 @@ void kv_quant_pack(const float *y, int64_t N, int64_t k, const float *clip, cons
         }
     }
 }
+
+/* ---- one decode step of one affine group, with the glue in C (kvsplice/coded_attention.py, q = 1,
+   no raw rows: every row is in the payload; rows r = h * G + g, h < n heads of the group) ---------- */
+
+/* s[b, r, t] = scaling * score, exact scores at the sink columns, -FLT_MAX where not allowed.
+   sink_s (B, R, ns) exact sink scores (unscaled) or NULL; sink_col (B, ns) int64, -1 = empty slot;
+   allowed (B, P) uint8 or NULL (all allowed). */
+int kv_step_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
+                   const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
+                   const float *qa, int64_t R, const float *gain, const float *sink_s, const int64_t *sink_col, int64_t ns,
+                   const uint8_t *allowed, float scaling, float *out, int nthreads) {
+    int rc = kv_scores(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k, qa, R, gain, out, nthreads);
+    if (rc != 0) return rc;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t r = 0; r < R; r++) {
+            float *s = out + (b * R + r) * P;
+            for (int64_t j = 0; sink_s != NULL && j < ns; j++) {
+                int64_t c = sink_col[b * ns + j];
+                if (c >= 0 && c < P) s[c] = sink_s[(b * R + r) * ns + j];
+            }
+            const uint8_t *a = allowed != NULL ? allowed + b * P : NULL;
+            for (int64_t t = 0; t < P; t++) s[t] = (a != NULL && !a[t]) ? -3.40282347e+38f : s[t] * scaling;
+        }
+    return 0;
+}
+
+/* out[b, r, :] = sum_t p[b, r, t] x_t with the payload rows decoded as g_t (c_t A + b) + mu, except the
+   sink columns, whose weight goes to the exact rows sink_v (B, n, ns, hd). p (B, R, P) is modified
+   (sink columns zeroed). Aext (n, k + 2, hd) = [A; b; mu] per head; G = R / n query rows per head. */
+int kv_step_values(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
+                   const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
+                   float *p, int64_t R, const float *gain, const int64_t *sink_col, int64_t ns, const float *sink_v,
+                   const float *Aext, int64_t n, int64_t hd, float *out, int nthreads) {
+    const int64_t G = R / n, ko = k + 2;
+    float *ws = (float *)calloc((size_t)(B * R * (ns > 0 ? ns : 1)), sizeof(float));
+    float *acc = (float *)malloc(sizeof(float) * (size_t)(B * R * ko));
+    if (ws == NULL || acc == NULL) {
+        free(ws);
+        free(acc);
+        return -1;
+    }
+    for (int64_t b = 0; b < B && sink_v != NULL; b++)
+        for (int64_t j = 0; j < ns; j++) {
+            int64_t c = sink_col[b * ns + j];
+            if (c < 0 || c >= P) continue;
+            for (int64_t r = 0; r < R; r++) {
+                ws[(b * R + r) * ns + j] = p[(b * R + r) * P + c];
+                p[(b * R + r) * P + c] = 0.0f;
+            }
+        }
+    int rc = kv_weighted(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k, p, R, gain, acc, nthreads);
+    if (rc == 0)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t r = 0; r < R; r++) {
+                const int64_t h = r / G;
+                float *o = out + (b * R + r) * hd;
+                const float *ar = acc + (b * R + r) * ko, *Ah = Aext + h * ko * hd;
+                for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+                for (int64_t j = 0; j < ko; j++) {
+                    const float w = ar[j], *row = Ah + j * hd;
+                    for (int64_t d = 0; d < hd; d++) o[d] += w * row[d];
+                }
+                for (int64_t j = 0; sink_v != NULL && j < ns; j++) {
+                    const float w = ws[(b * R + r) * ns + j], *row = sink_v + ((b * n + h) * ns + j) * hd;
+                    for (int64_t d = 0; d < hd; d++) o[d] += w * row[d];
+                }
+            }
+    free(ws);
+    free(acc);
+    return rc;
+}
