@@ -222,7 +222,7 @@ def plot(result: dict, path: Path) -> None:
 
     blocks = list(result["blocks"])
     names = list(result["blocks"][blocks[0]])
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(blocks)), 5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(blocks)) + 3.5, 5))
     w = 0.8 / len(names)
     for i, n in enumerate(names):
         ys = [result["blocks"][b][n]["ratio_to_dynamic"] for b in blocks]
@@ -231,7 +231,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(blocks))], blocks, rotation=20, fontsize=8)
     ax.set_ylabel("decode tokens/s / DynamicCache (same run)")
     ax.set_title(f"decode speed, {result['model']}, float32 CPU (shared machine; ratios only)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the bars
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
