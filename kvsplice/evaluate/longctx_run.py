@@ -10,7 +10,7 @@ of the baseline, and perplexity is measured after a `ppl_prefill`-token prefill 
 text (`ppl_tokens` scored, fed 16 at a time; `perplexity_prefill_continue`, one segment).
 
 Methods (METHODS): "baseline" (transformers DynamicCache); our pca-q K+V (joint heads, sink 1) at 4
-and 2 bits, calibrated by kvsplice/evaluate/frontier.py's machinery (same calibration config as the
+and 2 bits ("fast-4": K coded after RoPE, the fast decode path), calibrated by kvsplice/evaluate/frontier.py's machinery (same calibration config as the
 frontier unless `calibration` overrides it); the peers by registry name with their class defaults
 (KIVI, uniform ints); the eviction peers at matching bytes: budget = bits / (8 * bytes per element
 of the model dtype) of the sequence's tokens (H2O: heavy / recent half each; StreamingLLM: 4 sinks).
@@ -37,6 +37,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "baseline": {"kind": "baseline"},
     "pca-q-4": {"kind": "codec", "codec": "pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 4.0},
     "pca-q-2": {"kind": "codec", "codec": "pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 2.0},
+    "fast-4": {"kind": "codec", "codec": "pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 4.0, "k_rope": "post"},
     "xpred-4": {"kind": "codec", "codec": "xpred-pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 4.0},
     "xpred-2": {"kind": "codec", "codec": "xpred-pca-q", "target": "kv", "joint_heads": True, "sink": 1, "bits": 2.0},
     "kivi-4": {"kind": "peer", "peer": "kivi", "bits": 4},
