@@ -104,17 +104,37 @@ static void unpack_block(const rows_t *c, int64_t b, int64_t t0, int64_t n, floa
 
 static int64_t nblocks_of(int64_t P) { return (P + TB - 1) / TB; }
 
-int kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
-               const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
-               float *out, int nthreads) {
-    rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
-    const int64_t nb = nblocks_of(P), items = B * nb;
+/* Per-thread scratch of the block kernels: unpacked codes (nfloat floats), transposed bytes, a zero row. */
+typedef struct {
+    float *buf;
+    uint8_t *tb, *zero;
+} scratch_t;
+
+static int scratch_alloc(scratch_t *s, int64_t nfloat, int64_t nbytes) {
+    s->buf = (float *)malloc(sizeof(float) * (size_t)nfloat);
+    s->tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB));
+    s->zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
+    return s->buf != NULL && s->tb != NULL && s->zero != NULL;
+}
+
+static void scratch_free(scratch_t *s) {
+    free(s->buf);
+    free(s->tb);
+    free(s->zero);
+}
+
+/* Runs fn on every block of 8 rows (b, t0, n <= 8 rows, their codes in buf[j * 8 + i]), blocks
+   split over `nthreads` OpenMP threads, each with its own scratch. -1 when a scratch allocation
+   failed (the Python side raises MemoryError). */
+typedef void (*block_fn)(const rows_t *c, int64_t b, int64_t t0, int64_t n, const float *buf, void *ctx);
+
+static int for_blocks(const rows_t *c, block_fn fn, void *ctx, int nthreads) {
+    const int64_t nb = nblocks_of(c->P), items = c->B * nb;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(k * TB));
-        uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
-        const int ok = buf != NULL && tb != NULL && zero != NULL;
+        scratch_t sc;
+        const int ok = scratch_alloc(&sc, c->k * TB, c->nbytes);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -122,17 +142,27 @@ int kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             if (!ok) continue;
-            int64_t b = it / nb, t0 = (it % nb) * TB, n = P - t0 < TB ? P - t0 : TB;
-            unpack_block(&c, b, t0, n, buf, tb, zero);
-            float *o = out + (b * P + t0) * k;
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t j = 0; j < k; j++) o[i * k + j] = buf[j * TB + i];
+            int64_t b = it / nb, t0 = (it % nb) * TB, n = c->P - t0 < TB ? c->P - t0 : TB;
+            unpack_block(c, b, t0, n, sc.buf, sc.tb, sc.zero);
+            fn(c, b, t0, n, sc.buf, ctx);
         }
-        free(buf);
-        free(tb);
-        free(zero);
+        scratch_free(&sc);
     }
     return failed ? -1 : 0;
+}
+
+static void unpack_to(const rows_t *c, int64_t b, int64_t t0, int64_t n, const float *buf, void *ctx) {
+    const int64_t k = c->k;
+    float *o = (float *)ctx + (b * c->P + t0) * k;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < k; j++) o[i * k + j] = buf[j * TB + i];
+}
+
+int kv_unpack(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
+              const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
+              float *out, int nthreads) {
+    rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
+    return for_blocks(&c, unpack_to, out, nthreads);
 }
 
 /* s[r][t0 + i] = sum_j q[r][j] * buf[j][i] for NR (compile-time after inlining) query rows. */
@@ -165,41 +195,32 @@ static inline v8 gains_of(const float *gain, int64_t b, int64_t P, int64_t t0, i
     return g;
 }
 
-int kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
-               const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
-               const float *qa, int64_t R, const float *gain, float *out, int nthreads) {
-    rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
-    const int64_t nb = nblocks_of(P), items = B * nb;
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
-    {
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(k * TB));
-        uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
-        const int ok = buf != NULL && tb != NULL && zero != NULL;
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
+typedef struct {
+    const float *qa, *gain;
+    int64_t R;
+    float *out;
+} scores_ctx;
+
+static void scores_of(const rows_t *c, int64_t b, int64_t t0, int64_t n, const float *buf, void *ctx) {
+    const scores_ctx *x = (const scores_ctx *)ctx;
+    const int64_t k = c->k, P = c->P, R = x->R;
+    const v8 g = gains_of(x->gain, b, P, t0, n);
+    for (int64_t r0 = 0; r0 < R; r0 += MAXR) {
+        const float *q = x->qa + (b * R + r0) * (k + 2);
+        float *o = x->out + (b * R + r0) * P + t0;
+        switch (R - r0 < MAXR ? R - r0 : MAXR) {
+            SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6)
+            SCORE_CASE(7) SCORE_CASE(8) SCORE_CASE(9) SCORE_CASE(10) SCORE_CASE(11) SCORE_CASE(12)
         }
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < items; it++) {
-            if (!ok) continue;
-            int64_t b = it / nb, t0 = (it % nb) * TB, n = P - t0 < TB ? P - t0 : TB;
-            unpack_block(&c, b, t0, n, buf, tb, zero);
-            const v8 g = gains_of(gain, b, P, t0, n);
-            for (int64_t r0 = 0; r0 < R; r0 += MAXR) {
-                const float *q = qa + (b * R + r0) * (k + 2);
-                float *o = out + (b * R + r0) * P + t0;
-                switch (R - r0 < MAXR ? R - r0 : MAXR) {
-                    SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6)
-                    SCORE_CASE(7) SCORE_CASE(8) SCORE_CASE(9) SCORE_CASE(10) SCORE_CASE(11) SCORE_CASE(12)
-                }
-            }
-        }
-        free(buf);
-        free(tb);
-        free(zero);
     }
-    return failed ? -1 : 0;
+}
+
+int kv_scores(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int64_t stride_p, int64_t nbytes,
+              const int32_t *byte, const int32_t *next, const int32_t *shift, const int32_t *mask, int64_t k,
+              const float *qa, int64_t R, const float *gain, float *out, int nthreads) {
+    rows_t c = make_rows(base, B, P, stride_b, stride_p, nbytes, byte, next, shift, mask, k);
+    scores_ctx x = {qa, gain, R, out};
+    return for_blocks(&c, scores_of, &x, nthreads);
 }
 
 #define SB 4 /* kv_weighted: blocks per pass, so each accumulator load / store carries SB FMAs */
@@ -222,9 +243,10 @@ int kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
     {
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(SB * k * TB));
-        uint8_t *tb = (uint8_t *)malloc((size_t)((nbytes + 2) * TB)), *zero = (uint8_t *)calloc((size_t)nbytes + 1, 1);
-        const int ok = buf != NULL && tb != NULL && zero != NULL;
+        scratch_t sc;
+        const int ok = scratch_alloc(&sc, SB * k * TB, nbytes);
+        float *buf = sc.buf;
+        uint8_t *tb = sc.tb, *zero = sc.zero;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -268,9 +290,7 @@ int kv_weighted(const uint8_t *base, int64_t B, int64_t P, int64_t stride_b, int
                 }
             }
         }
-        free(buf);
-        free(tb);
-        free(zero);
+        scratch_free(&sc);
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t x = 0; x < R * ko; x++) {
