@@ -6,7 +6,8 @@ perplexity vs B's with the paired block-bootstrap 95 % CI and a verdict for A (w
 
 A and B are method names; points are matched on (domain, protocol, draw, the setting's budget:
 the first `bits=...` / `budget=...` token of the setting), or with --b-setting on (domain, protocol,
-draw) against B's setting that contains the given text (equal-bytes pairs across budgets). With
+draw) against B's setting that contains the given text (equal-bytes pairs across budgets); a B
+without calibration draws (a peer) pairs with every draw of A. With
 --b-json, B's points come from ANOTHER suite run; it must have scored the same tokens (its baseline
 per-token NLLs of every paired domain and protocol equal this run's exactly, else it refuses):
 
@@ -66,7 +67,7 @@ def main() -> None:
         bs = {key(q): q for q in db["points"] if q["method"] == args.b and args.b_setting in q["setting"]}
     rows = []
     for qa in (q for q in d["points"] if q["method"] == args.a):
-        qb = bs.get(key(qa))
+        qb = bs.get(key(qa)) or bs.get(key({**qa, "draw": None}))  # an uncalibrated B (a peer) has one point for every draw
         if qb is None:
             continue
         st = paired_block_bootstrap(btokens[f"{qb['index']}.nll"], tokens[f"{qa['index']}.nll"], block=args.block, n=args.resamples, seed=0)
