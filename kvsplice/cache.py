@@ -33,6 +33,7 @@ is encoded on arrival.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -40,7 +41,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsplice.cache_factory import CacheFactory
 from kvsplice.coded_attention import coded_rows
-from kvsplice.errors import GeometryError, KVSpliceError, ModelError
+from kvsplice.errors import GeometryError, KVSpliceError, KVSpliceWarning, ModelError
 from kvsplice.layout import SLIDING_TYPES, CacheMemory, layer_windows, model_layout  # noqa: F401 (re-exported)
 from kvsplice.pruning import VOnlyPruner, attention_mass
 from kvsplice.rows import LayerCodec, SlidingTokens, TokenIndex, _Rows
@@ -150,6 +151,7 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, _, q, _ = key_states.shape
+        self._check_calibrated_positions(q)
         hook = kwargs.get("kwargs")
         assign = None
         if self.tokens is not None:  # positions / sink slots of the step's rows, from the model's position_ids
@@ -223,6 +225,25 @@ class CompressedLayer(BatchMapMixin, CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    beyond_calibration = "error"  # CompressedCache(beyond_calibration=...): "error" | "warn"
+
+    def _check_calibrated_positions(self, q: int) -> None:
+        """K coded AFTER RoPE only knows the rotations of the positions it was calibrated on
+        (kvsplice/kcodec.py `calibrated_positions`); past them its basis is a guess (measured:
+        multi-key retrieval at 4k falls from 13/15 to 0/15 with 1k calibration windows). Refused, or
+        warned once with beyond_calibration="warn" (evaluation harnesses that measure exactly that)."""
+        limit = getattr(self.k_codec, "calibrated_positions", None)
+        if limit is None or self.length + q <= limit:
+            return
+        msg = (f"layer {self.layer_idx}: K is coded after RoPE and was calibrated on positions < {limit}; this step reaches "
+               f"position {self.length + q - 1}: calibrate with windows at least as long as the context (--seq-len / seq_len=) "
+               f"or use K coded before RoPE (the default recipe)")
+        if self.beyond_calibration == "error":
+            raise KVSpliceError(msg)
+        if not getattr(self, "_warned_positions", False):
+            self._warned_positions = True
+            warnings.warn(msg, KVSpliceWarning, stacklevel=3)
 
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
@@ -324,7 +345,10 @@ class CompressedCache(Cache):
         strategy: str = "A",
         sink: int = 0,
         sliding_windows: list[int | None] | None = None,
+        beyond_calibration: str = "error",
     ) -> None:
+        if beyond_calibration not in ("error", "warn"):
+            raise KVSpliceError(f"beyond_calibration must be 'error' or 'warn', got {beyond_calibration!r}")
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise KVSpliceError(f"num_layers must be a positive integer, got {num_layers!r}")
         sliding_windows = [None] * num_layers if sliding_windows is None else list(sliding_windows)
@@ -378,6 +402,8 @@ class CompressedCache(Cache):
             CompressedLayer(v, k, pruner, window, strategy, i, sink, self.tokens, w)
             for i, (v, k, w) in enumerate(zip(v_codecs, k_codecs, sliding_windows))
         ]
+        for layer in layers:
+            layer.beyond_calibration = beyond_calibration
         super().__init__(layers=layers)
 
     @classmethod
@@ -418,6 +444,7 @@ class CompressedCache(Cache):
         window: int = 0,
         strategy: str = "A",
         sink: int = 0,
+        beyond_calibration: str = "error",
     ) -> "CompressedCache":
         """Build a cache for `model` from V / K geometries; GeometryError before any compute when a
         geometry was made for another layout (layers, KV heads, head_dim) or the wrong target."""
@@ -447,7 +474,7 @@ class CompressedCache(Cache):
                     )
             codecs[target] = per_layer
         return cls(num_layers, codecs["v"], codecs["k"], pruner=pruner, window=window, strategy=strategy, sink=sink,
-                   sliding_windows=layer_windows(model))
+                   sliding_windows=layer_windows(model), beyond_calibration=beyond_calibration)
 
     @property
     def teacher_forced_exact(self) -> bool:

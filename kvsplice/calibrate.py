@@ -323,6 +323,8 @@ def fit_geometry(
             "codec_params": json.dumps(kwargs, sort_keys=True),
             "target": cfg.target,
             **({"k_rope": cfg.k_rope} if cfg.target == "k" else {}),
+            # K after RoPE knows the rotations of these positions only (kvsplice/kcodec.py)
+            **({"positions": cfg.seq_len} if cfg.target == "k" and cfg.k_rope == "post" else {}),
             "joint_heads": str(cfg.joint_heads).lower(),
             "fit_vectors_per_codec": ",".join(str(v) for v in sorted(n_fit_used)),
             "calibration_config": json.dumps(cfg.to_dict(), sort_keys=True),

@@ -88,7 +88,14 @@ def k_layer_codecs(model: Any, geometry: Any) -> list[LayerCodec | None]:
     if k_rope not in ("pre", "post"):
         raise GeometryError(f"K geometry meta k_rope must be 'pre' or 'post', found {k_rope!r}")
     if k_rope == "post":  # fitted on K as the cache receives it: store and read the rows as they are
-        return [LayerCodec.from_geometry(geometry, l) for l in range(layers)]
+        positions = geometry.meta.get("positions")
+        if positions is not None and (not str(positions).isdigit() or int(positions) < 1):
+            raise GeometryError(f"K geometry meta positions must be a positive integer, found {positions!r}")
+        out = [LayerCodec.from_geometry(geometry, l) for l in range(layers)]
+        for c in out:  # CompressedLayer refuses (or warns about) positions past these
+            if c is not None and positions is not None:
+                c.calibrated_positions = int(positions)
+        return out
     shared: dict = {}  # layers of one type share one lookup (one table)
     out: list[LayerCodec | None] = []
     for l in range(layers):

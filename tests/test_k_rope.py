@@ -40,13 +40,13 @@ def test_post_rope_samples_are_the_keys_the_cache_receives(tiny_llama):
 def test_fast_preset_recipe_reads_k_from_its_codes_and_equals_the_decode_path(tiny_llama):
     model, tok = tiny_llama
     assert PRESETS["fast"].k_rope == "post" and recipe_configs("fast")["k"].k_rope == "post"
-    recipe = calibrate_recipe(model, tok, TEXT, preset="fast", max_batches=2, seq_len=64)
+    recipe = calibrate_recipe(model, tok, TEXT, preset="fast", max_batches=2, seq_len=128)  # covers prompt + new tokens
     assert recipe.k.meta["k_rope"] == "post" and "k_rope" not in recipe.v.meta
     cache = recipe.cache(model)
     assert not any(getattr(l.k_codec, "position_aware", False) for l in cache.layers)  # stored as received
     assert all(affine_groups(l.k_codec) is not None for l in cache.layers)  # scored from the codes
     assert coded_supported(cache) is None
-    ids = tok(TEXT[:120], return_tensors="pt").input_ids
+    ids = tok(TEXT[:100], return_tensors="pt").input_ids
     kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
         ref = model.generate(ids, cache=recipe.cache(model), **kw)
@@ -99,3 +99,29 @@ def test_suite_calibration_fits_post_rope_k_on_its_own_samples(tiny_llama):
     key = min(pre.codecs)
     assert key in post.codecs and not torch.equal(pre.codecs[key].mean, post.codecs[key].mean)
     assert cal.geometry({**s, "k_rope": "post"}, "v") is cal.geometry(s, "v")
+
+
+def test_positions_past_the_calibration_are_refused_or_warned(tiny_llama):
+    """K after RoPE calibrated on 64-token windows: a cache refuses position 64 and beyond (measured on
+    SmolLM2: retrieval collapses past the calibrated positions), or warns once when asked to."""
+    import warnings
+
+    from kvsplice.errors import KVSpliceWarning
+
+    model, tok = tiny_llama
+    recipe = calibrate_recipe(model, tok, TEXT, preset="fast", max_batches=1, seq_len=64)
+    assert recipe.k.meta["positions"] == "64"
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        model(ids[:, :64], cache=recipe.cache(model))  # positions 0..63: fine
+        with pytest.raises(KVSpliceError, match="calibrated on positions < 64"):
+            model(ids[:, :65], cache=recipe.cache(model))
+        cache = CompressedCache.from_geometry(model, v_geometry=recipe.v, k_geometry=recipe.k, sink=1, beyond_calibration="warn")
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            model(ids[:, :65], cache=cache)
+            model(ids[:, 65:66], cache=cache)
+        assert sum(issubclass(w.category, KVSpliceWarning) and "positions < 64" in str(w.message) for w in got) == 2  # once per layer
+    default = calibrate_recipe(model, tok, TEXT, max_batches=1, seq_len=64)  # K before RoPE: any position
+    with torch.no_grad():
+        model(ids[:, :100], cache=default.cache(model))

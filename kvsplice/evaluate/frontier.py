@@ -222,7 +222,9 @@ def codec_factory(model: Any, s: dict[str, Any], cal: Calibration) -> Callable[[
     v, k = codecs["v"], codecs["k"]
     window, sink = int(s.get("window", 0)), int(s.get("sink", 0))
     sliding = layer_windows(model)  # Gemma 3: a sliding layer holds <= its window (bytes counted as held)
-    return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window, sink=sink, sliding_windows=sliding)
+    # beyond_calibration="warn": the harnesses measure what happens past a post-RoPE K's calibrated positions
+    return lambda: CompressedCache(layers, v_codecs=v, k_codecs=k, window=window, sink=sink, sliding_windows=sliding,
+                                   beyond_calibration="warn")
 
 
 def _setting_str(m: MethodSpec, s: dict[str, Any], peer: Any = None) -> str:
