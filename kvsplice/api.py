@@ -53,6 +53,7 @@ class Preset:
     sink: int
     max_batches: int | None
     k_rope: str = "pre"  # "post": K coded after RoPE, scored from its codes (the fast decode path)
+    seq_len: int = 1024  # calibration window; K after RoPE is valid only up to it (capped at the model's positions)
 
 
 PRESETS = {
@@ -60,7 +61,7 @@ PRESETS = {
     "best": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 8),
     # the fast decode path (issue 12): "best" with K coded AFTER RoPE, so the coded-domain attention
     # scores K from its codes too (kvsplice.coded_decode); costs quality (README section 5)
-    "fast": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 8, k_rope="post"),
+    "fast": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 2, k_rope="post", seq_len=4096),
     # issue 13's best live recipe at 2 bits: cross-layer prediction + pca-q on the residual (docs/RESULTS.md)
     "low-bit": Preset("xpred-pca-q", {"bits": 2}, None, ("k", "v"), True, 1, 8),
     # the seed document's Spline->PCA: V only, 64 -> 16 dims, one codec per (layer, head)
@@ -180,7 +181,7 @@ def calibrate_recipe(
     bits: float | None = None,
     sink: int | None = None,
     max_batches: int | None = 4,
-    seq_len: int = 1024,
+    seq_len: int | None = None,
     progress: bool = False,
     allocate: str | None = None,
     levels: list[float] | None = None,
@@ -192,11 +193,13 @@ def calibrate_recipe(
     preset: "best", "fast" (K after RoPE: faster decode under `kvsplice.coded_decode`), "low-bit" or
     "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
     parameter only); sink: override its sink; max_batches * seq_len: calibration tokens (default
-    4 x 1024, ~20 s for SmolLM2-135M on 2 CPU cores; None: the whole text). allocate="sensitivity":
+    4 x the preset's window: 1024 tokens, "fast" 4096 (capped at the model's positions), ~20 s for SmolLM2-135M on 2 CPU cores; None: the whole text). allocate="sensitivity":
     `bits` becomes the AVERAGE over layers and K / V, each (layer, K|V) getting its own width from
     `levels` by a probe of its effect on the output (kvsplice/allocation.py; minutes, not seconds).
     Other keyword arguments go to `kvsplice.calibrate.CalibrationConfig` (samples, seed, layers, ...).
     """
+    if seq_len is None:
+        seq_len = preset_seq_len(preset, model)
     cfgs = recipe_configs(preset, bits=bits, max_batches=max_batches, seq_len=seq_len, **calibration)
     sink = PRESETS[preset].sink if sink is None else sink
     if allocate is not None:
@@ -233,6 +236,16 @@ def calibrate_allocated(model: Any, tokenizer: Any, text: str | None, cfgs: dict
     alloc, geos = cal.allocation(s)
     geo = {t: allocated_geometry(alloc, geos, t, description or "custom text") for t in cfgs}
     return Recipe(v=geo.get("v"), k=geo.get("k"), sink=sink, model=model_id(model))
+
+
+def preset_seq_len(preset: str, model: Any) -> int:
+    """The preset's calibration window, capped at the model's positions (max_position_embeddings)."""
+    if preset not in PRESETS:
+        raise KVSpliceError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(PRESETS[preset].seq_len, int(limit)) if limit else PRESETS[preset].seq_len
 
 
 def recipe_configs(preset: str = "best", *, codec: str | None = None, bits: float | None = None,

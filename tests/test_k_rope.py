@@ -125,3 +125,13 @@ def test_positions_past_the_calibration_are_refused_or_warned(tiny_llama):
     default = calibrate_recipe(model, tok, TEXT, max_batches=1, seq_len=64)  # K before RoPE: any position
     with torch.no_grad():
         model(ids[:, :100], cache=default.cache(model))
+
+
+def test_fast_preset_calibrates_long_windows_capped_at_the_model_positions(tiny_llama):
+    from kvsplice.api import preset_seq_len
+
+    model, _ = tiny_llama
+    assert PRESETS["fast"].seq_len == 4096 and PRESETS["best"].seq_len == 1024
+    assert preset_seq_len("fast", model) == min(4096, model.config.max_position_embeddings)
+    model.config.max_position_embeddings = 100_000
+    assert preset_seq_len("fast", model) == 4096

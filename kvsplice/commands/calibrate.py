@@ -50,7 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop after this many forward batches (default: the preset's, best: 8 as measured; seed: the whole text)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward batch")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default: the preset's, 1024; fast: 4096 - K after RoPE is valid only up to it)")
     p.add_argument("--target", choices=["v", "k", "kv"], default=None,
                    help="what to calibrate (default: the preset's, best: kv -> a recipe folder; seed: v)")
     p.add_argument("--joint-heads", action=argparse.BooleanOptionalAction, default=None,
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         joint_heads=args.joint_heads, knots=args.knots, epochs=args.epochs, samples=args.samples,
         fit_samples_per_dim=args.fit_samples_per_dim or None,
         max_batches=args.max_batches if args.max_batches is not None else preset.max_batches,
-        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        seq_len=args.seq_len if args.seq_len is not None else preset.seq_len, batch_size=args.batch_size, seed=args.seed,
         layers=tuple(args.layers) if args.layers else None,
         **({"k_rope": args.k_rope} if args.k_rope else {}),
     )
@@ -151,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
         text, description = data.calibration_text(), data.describe_default("calibration")
 
     model, tokenizer = load_model_for(args)
+    if args.seq_len is None:  # the preset's window, capped at the model's positions
+        from kvsplice.api import preset_seq_len
+
+        for c in cfgs.values():
+            c.seq_len = preset_seq_len(args.preset, model)
     if len(cfgs) == 2:
         t0 = time.perf_counter()
         if args.allocate:
