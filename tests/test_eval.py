@@ -220,8 +220,9 @@ def test_eval_cli_end_to_end(tmp_path, tiny_llama, capsys):
     assert "prefill-continue" in capsys.readouterr().err
 
 
-def test_generate_cli_prints_continuation_and_measured_bytes(tmp_path, tiny_llama, capsys):
-    from kvsplice.cli import main
+def _saved_with_v_geometry(tmp_path, tiny_llama, make_codec, n: int):
+    """The tiny llama saved to tmp_path/m and a V geometry of make_codec() fitted per (layer, head) on
+    n random vectors at tmp_path/g.safetensors -> (model, model folder, geometry path)."""
     from kvsplice.geometry import Geometry, save_geometry
 
     model, tok = tiny_llama
@@ -229,9 +230,19 @@ def test_generate_cli_prints_continuation_and_measured_bytes(tmp_path, tiny_llam
     tok.save_pretrained(tmp_path / "m")
     L, H, D = layout(model)
     g = torch.Generator().manual_seed(0)
-    codecs = {(l, h): get_codec("pca", k=2).fit(torch.randn(100, D, generator=g)) for l in range(L) for h in range(H)}
+    codecs = {(l, h): make_codec().fit(torch.randn(n, D, generator=g)) for l in range(L) for h in range(H)}
     save_geometry(tmp_path / "g.safetensors", Geometry(codecs, {"target": "v", "num_layers": str(L)}))
-    argv = ["generate", "--model", str(tmp_path / "m"), "--geometry", str(tmp_path / "g.safetensors"),
+    return model, tmp_path / "m", tmp_path / "g.safetensors"
+
+
+def test_generate_cli_prints_continuation_and_measured_bytes(tmp_path, tiny_llama, capsys):
+    from kvsplice.cli import main
+    from kvsplice.geometry import Geometry, save_geometry
+
+    model, folder, geo = _saved_with_v_geometry(tmp_path, tiny_llama, lambda: get_codec("pca", k=2), 100)
+    L, H, D = layout(model)
+    g = torch.Generator().manual_seed(1)
+    argv = ["generate", "--model", str(folder), "--geometry", str(geo),
             "--prompt", "hello there, cache " * 8, "--max-new-tokens", "6", "--keep-ratio", "0.5", "--recency", "8", "--k-min", "8"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
@@ -301,16 +312,9 @@ def test_generate_cli_uses_coded_attention_where_it_can_and_gives_the_reference_
     """--attention auto reads V from its codes (pca-q: affine) and generates the text the reference
     path (decode rows) generates; --attention coded refuses a pruning cache with the reason."""
     from kvsplice.cli import main
-    from kvsplice.geometry import Geometry, save_geometry
 
-    model, tok = tiny_llama
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    L, H, D = layout(model)
-    g = torch.Generator().manual_seed(0)
-    codecs = {(l, h): get_codec("pca-q", bits=4.0).fit(torch.randn(300, D, generator=g)) for l in range(L) for h in range(H)}
-    save_geometry(tmp_path / "g.safetensors", Geometry(codecs, {"target": "v", "num_layers": str(L)}))
-    argv = ["generate", "--model", str(tmp_path / "m"), "--geometry", str(tmp_path / "g.safetensors"),
+    _, folder, geo = _saved_with_v_geometry(tmp_path, tiny_llama, lambda: get_codec("pca-q", bits=4.0), 300)
+    argv = ["generate", "--model", str(folder), "--geometry", str(geo),
             "--prompt", "hello there, cache " * 8, "--max-new-tokens", "8", "--no-compare"]
     texts = {}
     for mode in ("auto", "reference"):
