@@ -182,8 +182,8 @@ def _coded_scores(qg: torch.Tensor, key: "CodedRows") -> torch.Tensor:
             parts.append(native.scores(key.packed(g), g.native, qa, key.gain_rows(g)).view(B, g.n, Gq, -1))
             continue
         qa = (qh @ g.A.transpose(1, 2)).reshape(B, g.n * Gq, -1)  # A_h q  (B, n*Gq, k)
-        gain = key.gain(g)  # (B, 1, P)
-        s = (qa @ key.codes(g)[0]).view(B, g.n, Gq, -1)  # (B, n, Gq, P)
+        codes, gain = key.codes(g)  # (B, k, P), (B, 1, P)
+        s = (qa @ codes).view(B, g.n, Gq, -1)  # (B, n, Gq, P)
         s = s + qh @ g.b.transpose(1, 2)  # + q . b_h  (B, n, Gq, 1)
         if gain is not None:
             s = s * gain[:, None]  # times g_t
@@ -232,9 +232,9 @@ def _weighted_values(p: torch.Tensor, value: Any) -> torch.Tensor:
             c = native.weighted(value.packed(g), g.native, ph.reshape(B, g.n * Gq, P), value.gain_rows(g))
             heads.append(c.view(B, g.n, Gq, -1) @ g.Aext)
             continue
-        gain = value.gain(g)  # (B, 1, P)
+        codes, gain = value.codes(g)  # (B, k, P), (B, 1, P)
         w = ph if gain is None else ph * gain[:, None]  # p_t g_t
-        c = (w.reshape(B, g.n * Gq, P) @ value.codes(g)[0].transpose(1, 2)).view(B, g.n, Gq, -1)  # sum_t p_t g_t c_t
+        c = (w.reshape(B, g.n * Gq, P) @ codes.transpose(1, 2)).view(B, g.n, Gq, -1)  # sum_t p_t g_t c_t
         heads.append(c @ g.A + w.sum(-1, keepdim=True) * g.b + ph.sum(-1, keepdim=True) * g.mu)
     o = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
     if value.raw.shape[2]:
