@@ -51,8 +51,6 @@ def check_allocation_params(s: dict[str, Any], where: str) -> None:
     n = s.get("probe_tokens", DEFAULT_PROBE_TOKENS)
     if isinstance(n, bool) or not isinstance(n, int) or n < 16:
         raise KVSpliceError(f"{where}: probe_tokens must be an int >= 16, got {n!r}")
-    if s.get("codec") == "xpred-pca-q":
-        raise KVSpliceError(f"{where}: allocate probes one layer coded at a time; xpred-pca-q predicts each layer from the previous coded one")
     if s.get("k_bits") is not None:
         raise KVSpliceError(f"{where}: k_bits cannot be combined with allocate (the allocator picks K's bits per layer)")
     if not min(levels) <= s["bits"] <= max(levels):
@@ -72,11 +70,6 @@ def per_layer_codecs(model: Any, geometry: Any, target: str) -> list[Any]:
 def layer_cost(geometry: Any, layer: int) -> float:
     """Payload bytes per token of `layer` in `geometry` (every head's codec once per token)."""
     return float(sum(c.payload_bytes_per_vector() for (l, _), c in geometry.codecs.items() if l == layer))
-
-
-def layer_state_bytes(geometry: Any, layer: int) -> int:
-    """Bytes of `layer`'s codec state (rotation, means, tables): the geometry a deployment holds."""
-    return sum(int(x.nbytes) for (l, _), c in geometry.codecs.items() if l == layer for x in c.state_tensors().values())
 
 
 @dataclass
@@ -206,29 +199,53 @@ def fit_allocation(probe: Probe, bits: float, log: Callable[[str], None] = lambd
     return Allocation(chosen, probe.damage, probe.cost, budget, kl, dict(probe.info))
 
 
-def allocated_codecs(model: Any, alloc: Allocation, geos: dict[str, dict[float, Any]], target: str) -> list[Any]:
-    """Per-layer LayerCodecs of `target` at the allocated bits (layer l from the geometry at bits[l])."""
-    per_bits = {b: per_layer_codecs(model, g, target) for b, g in geos[target].items() if b in alloc.bits[target]}
-    return [per_bits[b][l] for l, b in enumerate(alloc.bits[target])]
+def allocation_meta(alloc: Allocation, target: str) -> str:
+    """The geometry-file record of an allocation (meta["allocation"]): `target`'s per-layer bits."""
+    import json
 
-
-def allocated_state_bytes(alloc: Allocation, geos: dict[str, dict[float, Any]]) -> int:
-    """Geometry bytes a deployment of this allocation holds: each layer's chosen codec state."""
-    return sum(layer_state_bytes(geos[t][b], l) for t, bits in alloc.bits.items() for l, b in enumerate(bits))
+    return json.dumps({"allocate": "sensitivity", "bits": alloc.bits[target], "budget_bytes_per_token": alloc.budget,
+                       "predicted_kl": alloc.predicted_kl, **alloc.info}, sort_keys=True)
 
 
 def allocated_geometry(alloc: Allocation, geos: dict[str, dict[float, Any]], target: str, description: str | None = None) -> Any:
     """One Geometry for `target` whose layer l holds the codec fitted at alloc.bits[target][l] (each
     codec keeps its own parameters in the file); meta records the allocation."""
-    import json
-
     from kvsplice.geometry import Geometry
 
     bits = alloc.bits[target]
     codecs = {key: c for l, b in enumerate(bits) for key, c in geos[target][b].codecs.items() if key[0] == l}
     meta = dict(geos[target][bits[0]].meta)
-    meta["allocation"] = json.dumps({"allocate": "sensitivity", "bits": bits, "budget_bytes_per_token": alloc.budget,
-                                     "predicted_kl": alloc.predicted_kl, **alloc.info}, sort_keys=True)
+    meta["allocation"] = allocation_meta(alloc, target)
     if description is not None:
         meta["calibration"] = description
     return Geometry(codecs=codecs, meta=meta)
+
+
+# --- levers 1 + 2 combined: allocation for cross-layer prediction (kvsplice/codecs/xpred.py) ---------------
+# The probe codes one layer at a time, but a predicted layer needs its coded predecessor, so it cannot
+# probe xpred-pca-q directly. It measures the MODEL's sensitivity instead, with pca-q: KL per unit of a
+# layer's coding error. First order, the KL a layer's rows cause grows linearly with their mean squared
+# error whichever codec made it, so xpred's damage at b bits = pca-q's probed damage x mse_xpred / mse_pcaq
+# of that (target, layer, b), both errors measured on the same calibration rows. The knapsack then
+# spends the same payload (xpred's bytes per token are pca-q's) and the maps are refitted closed loop at
+# the chosen widths. The dev split, not this model, is the check.
+
+
+def layer_mse(geometry: Any, rows: dict[int, torch.Tensor]) -> list[float]:
+    """Per layer l, the mean squared coding error per value of `geometry`'s joint codec on rows[l] (N, D)."""
+    out = []
+    for l in sorted(rows):
+        c = geometry.codecs.get((l, -1))
+        if c is None:
+            raise KVSpliceError(f"layer_mse: expected a joint codec (layer {l}, head -1) in the geometry, found keys {sorted(geometry.codecs)[:4]}")
+        x = rows[l]
+        out.append(float((c.decode(c.encode(x)) - x).pow(2).mean()))
+    return out
+
+
+def rescale_damage(probe: Probe, mse_ref: dict[str, dict[float, list[float]]], mse_new: dict[str, dict[float, list[float]]]) -> Probe:
+    """The probe with damage[t][l][b] scaled by mse_new[t][b][l] / mse_ref[t][b][l] (see above)."""
+    damage = {t: [{b: d * mse_new[t][b][l] / max(mse_ref[t][b][l], 1e-30) for b, d in row.items()} for l, row in enumerate(rows)]
+              for t, rows in probe.damage.items()}
+    ratio = {t: {str(b): [round(n / max(r, 1e-30), 4) for n, r in zip(mse_new[t][b], mse_ref[t][b])] for b in mse_ref[t]} for t in mse_ref}
+    return Probe(damage, probe.cost, probe.geos, probe.values, {**probe.info, "damage": "pca-q probe x mse ratio", "mse_ratio": ratio})

@@ -213,7 +213,7 @@ def calibrate_allocated(model: Any, tokenizer: Any, text: str | None, cfgs: dict
     codec's `bits` parameter is the average budget (uniform pca-q's payload at that bits)."""
     from types import SimpleNamespace
 
-    from kvsplice.allocation import DEFAULT_LEVELS, allocated_geometry, check_allocation_params
+    from kvsplice.allocation import DEFAULT_LEVELS, check_allocation_params
     from kvsplice.evaluate.frontier import Calibration
     from kvsplice.loading import model_id
 
@@ -233,8 +233,7 @@ def calibrate_allocated(model: Any, tokenizer: Any, text: str | None, cfgs: dict
     cal = Calibration(SimpleNamespace(calibration={k: v for k, v in first.to_dict().items() if k in keep}, calibration_data=None),
                       model, tokenizer, log=print if progress else (lambda m: None), progress=progress)
     cal.text = text
-    alloc, geos = cal.allocation(s)
-    geo = {t: allocated_geometry(alloc, geos, t, description or "custom text") for t in cfgs}
+    geo = {t: cal.allocated_geometry(s, t, description or "custom text") for t in cfgs}
     return Recipe(v=geo.get("v"), k=geo.get("k"), sink=sink, model=model_id(model))
 
 

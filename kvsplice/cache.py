@@ -386,11 +386,18 @@ class CompressedCache(Cache):
         self.pruner, self.window, self.strategy = pruner, window, strategy
         position_aware = any(getattr(c, "position_aware", False) for c in k_codecs)
         predictive = [l for l, cs in enumerate(zip(v_codecs, k_codecs)) if any(getattr(c, "predictive", False) for c in cs)]
-        if predictive and (pruner is not None or window or any(w is not None for w in sliding_windows)):
+        if predictive and (pruner is not None or window):
             raise KVSpliceError(  # each layer must hold the same rows as the layer it is predicted from
-                "cross-layer predicted codecs (layers %s) need every layer to hold the same rows: no pruner, window 0, "
-                "no sliding-window layers; got pruner=%s, window=%d, sliding layers %s"
-                % (predictive, type(pruner).__name__ if pruner else None, window, [l for l, w in enumerate(sliding_windows) if w is not None]))
+                "cross-layer predicted codecs (layers %s) need every layer to hold the same rows: no pruner, window 0; "
+                "got pruner=%s, window=%d" % (predictive, type(pruner).__name__ if pruner else None, window))
+        for name, cs in (("v_codecs", v_codecs), ("k_codecs", k_codecs)):
+            prevs = {l: c.codecs[0].prev for l, c in enumerate(cs) if getattr(c, "predictive", False) and c.codecs[0].prev >= 0}
+            bad = [(l, p) for l, p in prevs.items() if sliding_windows[l] != sliding_windows[p]]
+            if bad:  # a sliding layer and a global one hold different rows: the prediction would read the wrong ones
+                raise KVSpliceError(f"{name}: layers predicted from a layer with another sliding window (layer, from): {bad}; "
+                                    f"windows {sliding_windows}: fit the geometry for this model (xpred.predecessors)")
+            if len(set(prevs.values())) != len(prevs):  # the chain frees a layer's rows once its successor read them
+                raise KVSpliceError(f"{name}: two layers predicted from the same layer: {prevs}")
         for name, cs in (("v_codecs", v_codecs), ("k_codecs", k_codecs)):
             flags = [bool(getattr(c, "predictive", False)) for c in cs]
             if any(flags) and not all(flags):

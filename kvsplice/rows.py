@@ -80,17 +80,17 @@ class LayerCodec:
         return LayerCodec(moved, self.joint, self.num_heads)
 
     def _previous(self, B: int, n: int, newest: bool) -> torch.Tensor:
-        """Layer - 1's decoded rows (B, n, H * D) from this step's chain: its newest n rows when
-        encoding the step's new rows, all of them (exactly n) when decoding. Refuses anything else:
-        a prediction from the wrong rows would decode garbage silently."""
-        layer = self.codecs[0].layer
+        """The predecessor layer's decoded rows (B, n, H * D) from this step's chain: its newest n rows
+        when encoding the step's new rows, all of them (exactly n) when decoding. Refuses anything
+        else: a prediction from the wrong rows would decode garbage silently."""
+        layer, p = self.codecs[0].layer, self.codecs[0].prev
         ch = self.chain
         if ch is None:
             raise KVSpliceError(f"layer {layer}: a cross-layer predicted codec runs only inside a CompressedCache (no chain bound)")
-        x = ch.get("x")
-        if ch.get("layer") != layer - 1 or x is None or x.shape[0] != B or (x.shape[1] < n if newest else x.shape[1] != n):
-            found = "nothing" if x is None else f"layer {ch.get('layer')} with {tuple(x.shape[:2])} (B, rows)"
-            raise KVSpliceError(f"layer {layer}: cross-layer prediction needs layer {layer - 1}'s decoded rows of this step "
+        x = ch.get(p)
+        if x is None or x.shape[0] != B or (x.shape[1] < n if newest else x.shape[1] != n):
+            found = "nothing" if x is None else f"{tuple(x.shape[:2])} (B, rows)"
+            raise KVSpliceError(f"layer {layer}: cross-layer prediction needs layer {p}'s decoded rows of this step "
                                 f"({B} sequences, {n} rows); found {found} (layers updated out of order, or rows differ between layers)")
         return x[:, x.shape[1] - n :] if newest else x
 
@@ -98,7 +98,7 @@ class LayerCodec:
         if self.joint:
             B, H, T, D = x.shape
             flat = x.transpose(1, 2).reshape(B, T, H * D)
-            if self.predictive and self.codecs[0].layer > 0:  # code the residual of the prediction
+            if self.predictive and self.codecs[0].prev >= 0:  # code the residual of the prediction
                 flat = flat.float() - self.codecs[0].predict(self._previous(B, T, newest=True))
             return {k: v.unsqueeze(1) for k, v in self.codecs[0].encode(flat).items()}
         per_head = [c.encode(x[:, h]) for h, c in enumerate(self.codecs)]
@@ -109,12 +109,13 @@ class LayerCodec:
             y = self.codecs[0].decode({k: v[:, 0] for k, v in payload.items()})  # (B, T, H * D)
             B, T, _ = y.shape
             if self.predictive:
-                if self.codecs[0].layer > 0:
-                    y = y + self.codecs[0].predict(self._previous(B, T, newest=False))
+                c = self.codecs[0]
+                if c.prev >= 0:
+                    y = y + c.predict(self._previous(B, T, newest=False))
+                    del self.chain[c.prev]  # each layer has one successor (CompressedCache checks): free its rows
                 elif self.chain is None:
-                    raise KVSpliceError("layer 0: a cross-layer predicted codec runs only inside a CompressedCache (no chain bound)")
-                self.chain.clear()  # the next layer predicts from these rows (one layer held at a time)
-                self.chain.update(layer=self.codecs[0].layer, x=y)
+                    raise KVSpliceError(f"layer {c.layer}: a cross-layer predicted codec runs only inside a CompressedCache (no chain bound)")
+                self.chain[c.layer] = y  # the successor predicts from these rows (one layer per chain held)
             return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         return torch.stack([c.decode({k: v[:, h] for k, v in payload.items()}) for h, c in enumerate(self.codecs)], 1)
 
@@ -151,7 +152,7 @@ class TokenIndex:
         self.reset()
 
     def reset(self) -> None:
-        self.chains: dict[str, dict] = getattr(self, "chains", {})  # cross-layer prediction: {"K"|"V": this step's last decoded layer}
+        self.chains: dict[str, dict] = getattr(self, "chains", {})  # cross-layer prediction: {"K"|"V": {layer: decoded rows}}
         for ch in self.chains.values():
             ch.clear()
         self.length = 0
@@ -242,6 +243,10 @@ class SlidingTokens:
     @property
     def span(self) -> tuple[int, int] | None:
         return self.tokens.span
+
+    @property
+    def chains(self) -> dict[str, dict]:  # cross-layer prediction: shared by every layer of the cache
+        return self.tokens.chains
 
     def row_positions(self, start: int, n: int) -> torch.Tensor:
         return self.tokens.row_positions(start + self.dropped, n)

@@ -92,7 +92,7 @@ def test_unsafe_uses_are_refused(fitted):
     lc = LayerCodec.from_geometry(v, 1)  # a layer-1 codec alone has no previous layer to read
     with pytest.raises(KVSpliceError, match="chain"):
         lc.encode(torch.randn(1, 2, 3, 8))
-    lc.chain = {"layer": 0, "x": torch.randn(1, 5, 16)}
+    lc.chain = {0: torch.randn(1, 5, 16)}
     with pytest.raises(KVSpliceError, match="rows"):
         lc.decode(lc.encode(torch.randn(1, 2, 3, 8)))  # decode needs exactly the payload's 3 rows, chain has 5
     from kvsplice.coded_attention import affine_groups
@@ -104,10 +104,62 @@ def test_frontier_runs_xpred_at_the_same_payload_and_counts_its_maps(tmp_path):
     pts = run_two_method_frontier(tmp_path, "xpred", 'codec = "xpred-pca-q", target = "kv", joint_heads = true, sink = 1')
     assert pts["xpred"]["kv_bits_per_value"] == pts["pca-q"]["kv_bits_per_value"]  # same payload per token
     assert pts["xpred"]["ppl"] > 1.0
-    with pytest.raises(KVSpliceError, match="xpred"):
-        from kvsplice.allocation import check_allocation_params
 
-        check_allocation_params({"codec": "xpred-pca-q", "allocate": "sensitivity", "bits": 2.0}, "m")
+
+def test_levers_combined_allocation_refits_the_maps_at_the_allocated_bits(tmp_path):
+    """Levers 1 + 2: the probe's pca-q damage rescaled by the coding-error ratio, the maps refitted
+    closed loop at each layer's allocated width, spending at most uniform pca-q's payload."""
+    import json
+
+    import kvsplice
+
+    torch.manual_seed(0)
+    model, tok = make_tiny_llama().eval(), make_byte_tokenizer()
+    recipe = kvsplice.calibrate_recipe(model, tok, TEXT, codec="xpred-pca-q", bits=3.0, allocate="sensitivity",
+                                       levels=[2.0, 3.0, 6.0], max_batches=3, seq_len=128, samples=1500)
+    alloc = json.loads(recipe.v.meta["allocation"])
+    assert alloc["damage"] == "pca-q probe x mse ratio" and set(alloc["mse_ratio"]) == {"k", "v"}
+    bits = {t: json.loads(geo.meta["allocation"])["bits"] for t, geo in (("k", recipe.k), ("v", recipe.v))}
+    for t, geo in (("k", recipe.k), ("v", recipe.v)):
+        cs = [geo.codecs[(l, -1)] for l in range(2)]
+        assert all(c.name == "xpred-pca-q" for c in cs) and [c.bits for c in cs] == bits[t]
+        assert bool(cs[1].pred.abs().sum() > 0)  # refitted maps, not the probe's pca-q
+    spent = sum(geo.codecs[(l, -1)].payload_bytes_per_vector() for geo in (recipe.k, recipe.v) for l in range(2))
+    assert spent <= 3.0 * 2 * 2 * 16 / 8  # <= uniform 3-bit payload: 2 targets x 2 layers x 16 values
+    assert len(set(bits["k"] + bits["v"])) > 1  # the widths differ (else nothing was allocated)
+    ids = _ids(tok, 24)
+    one = _chunked(model, ids, recipe.cache(model), [24])
+    torch.testing.assert_close(_chunked(model, ids, recipe.cache(model), [10, 1, 13]), one, atol=2e-4, rtol=0)
+
+
+def _gemma4():
+    """A tiny Gemma 3 with layers sliding, global, sliding, global (window 6): predecessors -1, -1, 0, 1."""
+    from test_model_types import WINDOW, _build
+
+    return _build("Gemma3TextConfig", "Gemma3ForCausalLM", num_hidden_layers=4, num_key_value_heads=1, head_dim=8,
+                  query_pre_attn_scalar=8, sliding_window=WINDOW,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]).eval()
+
+
+def test_hybrid_model_predicts_within_each_attention_type():
+    from kvsplice.codecs.xpred import predecessors
+
+    model, tok = _gemma4(), make_byte_tokenizer()
+    assert predecessors(model) == [-1, -1, 0, 1] and predecessors(make_tiny_llama()) == [-1, 0]
+    torch.manual_seed(0)
+    geos = {t: fit_xpred_geometry(model, tok, TEXT, t, {"bits": 8.0}, windows=3, seq_len=128) for t in ("k", "v")}
+    assert [geos["v"].codecs[(l, -1)].prev for l in range(4)] == [-1, -1, 0, 1]
+    ids = _ids(tok, 20)
+    make = lambda: CompressedCache.from_geometry(model, geos["v"], geos["k"], sink=1)  # noqa: E731
+    one = _chunked(model, ids, make(), [20])
+    torch.testing.assert_close(_chunked(model, ids, make(), [9, 1, 1, 3, 1, 5]), one, atol=2e-4, rtol=0)  # past the window
+    ref = _chunked(model, ids, DynamicCache(config=model.config), [20])
+    assert float((one - ref).abs().max()) < 0.05  # 8 bits: near lossless on every layer type
+    out = model.generate(ids[:, :10], cache=make(), max_new_tokens=6, do_sample=False)
+    assert out.shape[1] == 16
+    geos["v"].codecs[(2, -1)].prev = 1  # a sliding layer predicted from a global one: different rows held
+    with pytest.raises(KVSpliceError, match="another sliding window"):
+        CompressedCache.from_geometry(model, geos["v"], geos["k"], sink=1)
 
 
 def test_recipe_api_and_cli_fit_xpred_on_aligned_rows(tmp_path):

@@ -36,13 +36,17 @@ class XPredPCAQ(TransformQ):
 
     name = "xpred-pca-q"
 
-    def __init__(self, bits: float = 4.0, layer: int = 0, **kwargs: Any) -> None:
+    def __init__(self, bits: float = 4.0, layer: int = 0, prev: int | None = None, **kwargs: Any) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise CodecError(f"{self.name}: layer must be an int >= 0, got {layer!r}")
+        prev = layer - 1 if prev is None else prev  # files written before `prev` existed: the layer below
+        if isinstance(prev, bool) or not isinstance(prev, int) or not -1 <= prev < layer:
+            raise CodecError(f"{self.name}: prev (the layer predicted from, -1: none) must be an int in [-1, {layer - 1}], got {prev!r}")
         if kwargs.get("warp", "none") != "none" or kwargs.get("rotate", True) is not True:
             raise CodecError(f"{self.name}: residuals are coded with pca-q (no warp, rotation on)")
         super().__init__(bits=bits, **kwargs)
         self.params["layer"] = self.layer = layer
+        self.params["prev"] = self.prev = prev
         self.pred: torch.Tensor | None = None  # (D + 1, D) float32
 
     def fit(self, x: torch.Tensor, metric: torch.Tensor | None = None) -> "XPredPCAQ":
@@ -75,8 +79,8 @@ class XPredPCAQ(TransformQ):
 
     def check_state(self, tensors: dict[str, torch.Tensor]) -> None:
         super().check_state({k: v for k, v in tensors.items() if k != "pred"})
-        if self.layer == 0 and bool(tensors["pred"].abs().sum() > 0):
-            raise CodecError(f"{self.name} state: layer 0 has no previous layer, its pred must be zero")
+        if self.prev < 0 and bool(tensors["pred"].abs().sum() > 0):
+            raise CodecError(f"{self.name} state: layer {self.layer} is predicted from no layer (prev -1), its pred must be zero")
 
 
 def capture_all_layers(model: Any, tokenizer: Any, text: str, target: str, windows: int, seq_len: int,
@@ -112,17 +116,37 @@ def capture_all_layers(model: Any, tokenizer: Any, text: str, target: str, windo
     return {l: torch.cat(v) for l, v in got.items()}
 
 
+def predecessors(model: Any) -> list[int]:
+    """Per layer, the layer it is predicted from (-1: none): the nearest lower layer of the same
+    attention type. Plain models: l - 1. Hybrid ones (Gemma 3's sliding : global layers): a sliding
+    layer reads the previous sliding layer and a global one the previous global one, because only
+    layers of one type hold the same rows (a sliding layer drops what leaves its window)."""
+    from kvsplice.cache import layer_windows, model_layout
+
+    L = model_layout(model)[0]
+    w = layer_windows(model) or [None] * L
+    return [max((j for j in range(l) if w[j] == w[l]), default=-1) for l in range(L)]
+
+
 def fit_xpred_geometry(model: Any, tokenizer: Any, text: str, target: str, codec_params: dict, windows: int = 4,
                        seq_len: int = 1024, meta: dict[str, str] | None = None,
-                       log: Callable[[str], None] = lambda m: None) -> Any:
+                       log: Callable[[str], None] = lambda m: None, rows: dict[int, torch.Tensor] | None = None,
+                       layer_bits: list[float] | None = None) -> Any:
     """Closed-loop sequential fit: for l = 0..L-1, W_l by ridge regression of x_l on the DECODED
-    x̂_{l-1} (what the cache will have), then pca-q on the residual, then x̂_l = pred + its decode."""
+    x̂_p of its predecessor p (`predecessors`: what the cache will have), then pca-q on the residual,
+    then x̂_l = pred + its decode. rows: `capture_all_layers`' output when the caller already has it;
+    layer_bits: per-layer bit widths (the sensitivity allocation) instead of codec_params["bits"].
+    Each codec's info records its closed-loop coding error on these rows (`mse`, per value)."""
     from kvsplice.cache import model_layout
     from kvsplice.codecs import get_codec
+    from kvsplice.errors import KVSpliceError
     from kvsplice.geometry import Geometry
 
-    X = capture_all_layers(model, tokenizer, text, target, windows, seq_len)
+    X = capture_all_layers(model, tokenizer, text, target, windows, seq_len) if rows is None else rows
     L, H, hd = model_layout(model)
+    if layer_bits is not None and len(layer_bits) != L:
+        raise KVSpliceError(f"cross-layer calibration: layer_bits needs one width per layer ({L}), got {len(layer_bits)}")
+    prevs = predecessors(model)
     N, D = X[0].shape
     if N < 8 * (D + 1):  # each output's affine map has D + 1 weights: fewer rows over-fit it (the held-out error grows)
         import warnings
@@ -131,23 +155,25 @@ def fit_xpred_geometry(model: Any, tokenizer: Any, text: str, target: str, codec
 
         warnings.warn(f"cross-layer calibration: {N} rows for maps of {D + 1} x {D}; expected >= {8 * (D + 1)} "
                       f"(more windows or longer ones) or the maps over-fit the calibration text", KVSpliceWarning, stacklevel=2)
-    codecs, prev = {}, None
+    codecs, decoded = {}, {}
     for l in range(L):
-        x = X[l]
-        c = get_codec("xpred-pca-q", **{**codec_params, "layer": l})
-        if prev is None:
+        x, p = X[l], prevs[l]
+        params = {**codec_params, "layer": l, "prev": p, **({"bits": float(layer_bits[l])} if layer_bits is not None else {})}
+        c = get_codec("xpred-pca-q", **params)
+        if p < 0:
             pred = torch.zeros_like(x)
             W = torch.zeros(x.shape[1] + 1, x.shape[1])
         else:
-            A = torch.cat([prev, torch.ones(prev.shape[0], 1)], 1).double()  # (N, D + 1)
+            A = torch.cat([decoded[p], torch.ones(x.shape[0], 1)], 1).double()  # (N, D + 1)
             G = A.T @ A
             W = torch.linalg.solve(G + RIDGE * float(G.diagonal().mean()) * torch.eye(G.shape[0], dtype=G.dtype), A.T @ x.double()).float()
             pred = A.float() @ W
         c.fit(x - pred)
         c.pred = W
-        prev = pred + c.decode(c.encode(x - pred))  # what the decoder reconstructs
+        decoded[l] = pred + c.decode(c.encode(x - pred))  # what the decoder reconstructs
+        c.info["mse"] = float((decoded[l] - x).pow(2).mean())
         codecs[(l, -1)] = c
-        log(f"cross-layer {target.upper()} layer {l}: residual / signal variance "
+        log(f"cross-layer {target.upper()} layer {l} (from {p}): residual / signal variance "
             f"{float((x - pred).var(0).sum() / x.var(0).sum()):.3f}")
     info = {"target": target, "num_layers": str(L), "num_kv_heads": str(H), "head_dim": str(hd),
             "joint_heads": "true", "tokens": str(X[0].shape[0]), **(meta or {})}

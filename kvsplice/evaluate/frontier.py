@@ -77,22 +77,66 @@ class Calibration:
         return self.text
 
     def allocation(self, s: dict[str, Any]) -> tuple[Any, dict[str, dict[float, Any]]]:
-        """(Allocation, geometries[t][bits]) of an `allocate` setting (kvsplice/allocation.py). The probe
-        runs once per setting family (every budget `bits` shares it) on the first `probe_tokens`
-        tokens of this calibration text."""
-        from kvsplice.allocation import DEFAULT_PROBE_TOKENS, fit_allocation, run_probe
+        """(Allocation, pca-q geometries[t][bits]) of an `allocate` setting (kvsplice/allocation.py). The
+        probe runs once per setting family (every budget `bits` shares it) on the first `probe_tokens`
+        tokens of this calibration text, always with pca-q; xpred-pca-q rescales its damage by the
+        two codecs' coding errors on the same rows (allocation.rescale_damage)."""
+        from kvsplice.allocation import DEFAULT_PROBE_TOKENS, fit_allocation, layer_mse, rescale_damage, run_probe
 
-        family = json.dumps({k: v for k, v in s.items() if k not in ("window", "bits")}, sort_keys=True)
+        xpred = s["codec"] == "xpred-pca-q"
+        base = {**s, "codec": "pca-q"} if xpred else s  # the model's sensitivity, probed with pca-q
+        family = json.dumps({k: v for k, v in base.items() if k not in ("window", "bits")}, sort_keys=True)
         if family not in self.allocations:
             n = int(s.get("probe_tokens", DEFAULT_PROBE_TOKENS))
             ids = self.tokenizer(self._text(), return_tensors="pt").input_ids[:, :n]
             if ids.shape[1] < n:
                 raise KVSpliceError(f"sensitivity probe: expected {n} calibration tokens, found {ids.shape[1]}")
-            self.allocations[family] = run_probe(self.model, s, lambda g, t: self.geometry(g, t), ids, self.log)
+            self.allocations[family] = run_probe(self.model, base, lambda g, t: self.geometry(g, t), ids, self.log)
         probe = self.allocations[family]
+        if xpred:
+            if "xpred " + family not in self.allocations:
+                levels = probe.info["levels"]
+                ref = {t: {b: layer_mse(probe.geos[t][b], self.rows(t)) for b in levels} for t in probe.damage}
+                new = {t: {b: [c.info["mse"] for _, c in sorted(self.geometry({**s, "bits": b}, t).codecs.items())] for b in levels}
+                       for t in probe.damage}
+                self.allocations["xpred " + family] = rescale_damage(probe, ref, new)
+            probe = self.allocations["xpred " + family]
         alloc = fit_allocation(probe, s["bits"])
         self.info.setdefault("allocations", {})[json.dumps(s, sort_keys=True)] = alloc.as_json()
         return alloc, probe.geos
+
+    def allocated_geometry(self, s: dict[str, Any], target: str, description: str | None = None) -> Any:
+        """The Geometry of an `allocate` setting for `target`: each layer's codec at its allocated bits
+        (pca-q: taken from the probe's fits; xpred-pca-q: the maps refitted closed loop at those bits)."""
+        from kvsplice.allocation import allocated_geometry, allocation_meta
+
+        alloc, geos = self.allocation(s)
+        if s["codec"] != "xpred-pca-q":
+            return allocated_geometry(alloc, geos, target, description)
+        key = json.dumps(["xpred-alloc", target, alloc.bits[target], {k: v for k, v in s.items() if k != "bits"}], sort_keys=True)
+        if key not in self.geometries:
+            from kvsplice.codecs.xpred import fit_xpred_geometry
+
+            params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "sink", "protocol", "bits", *ALLOCATE_KEYS)}
+            geo = fit_xpred_geometry(self.model, self.tokenizer, "", target, params, rows=self.rows(target),
+                                     layer_bits=alloc.bits[target], meta=dict(self.geometry({**s, "bits": alloc.bits[target][0]}, target).meta))
+            geo.meta["allocation"] = allocation_meta(alloc, target)
+            self.geometries[key] = geo
+        geo = self.geometries[key]
+        if description is not None:
+            geo.meta["calibration"] = description
+        return geo
+
+    def rows(self, target: str) -> dict[int, Any]:
+        """Every layer's `target` rows on the same calibration tokens (cross-layer prediction), captured once."""
+        from kvsplice.codecs.xpred import capture_all_layers
+
+        if "all " + target not in self.collected:
+            c = self.cfg.calibration
+            self.collected["all " + target] = capture_all_layers(self.model, self.tokenizer, self._text(), target,
+                                                                 int(c.get("max_batches") or 4) * int(c.get("batch_size", 1)),
+                                                                 int(c.get("seq_len", 1024)))
+        return self.collected["all " + target]
 
     def _collect(self, target: str, k_rope: str = "pre") -> Any:
         from kvsplice.calibrate import CalibrationConfig, collect_targets
@@ -135,11 +179,9 @@ class Calibration:
                 raise KVSpliceError("xpred-pca-q codes K before RoPE: k_rope = \"post\" is not supported")
 
             t0 = time.perf_counter()
-            c = self.cfg.calibration
             meta = {"model": model_id(self.model), "calibration": "files" if self.cfg.calibration_data else describe_default("calibration")}
             self.geometries[key] = fit_xpred_geometry(self.model, self.tokenizer, self._text(), target, codec_params,
-                                                      windows=int(c.get("max_batches") or 4) * int(c.get("batch_size", 1)),
-                                                      seq_len=int(c.get("seq_len", 1024)), meta=meta)
+                                                      rows=self.rows(target), meta=meta)
             self.info.setdefault("fit_seconds", {})[key] = round(time.perf_counter() - t0, 2)
             self.log(f"fitted xpred-pca-q {target.upper()} {codec_params} in {time.perf_counter() - t0:.1f} s")
         if key not in self.geometries:
@@ -206,7 +248,7 @@ def _for_target(s: dict[str, Any], target: str) -> dict[str, Any]:
 
 
 def codec_factory(model: Any, s: dict[str, Any], cal: Calibration) -> Callable[[], Any]:
-    from kvsplice.allocation import allocated_codecs, per_layer_codecs
+    from kvsplice.allocation import per_layer_codecs
     from kvsplice.cache import CompressedCache, layer_windows, model_layout
 
     layers = model_layout(model)[0]
@@ -216,7 +258,7 @@ def codec_factory(model: Any, s: dict[str, Any], cal: Calibration) -> Callable[[
         if t not in target:
             codecs[t] = None
         elif s.get("allocate"):  # per-layer bits from the sensitivity probe
-            codecs[t] = allocated_codecs(model, *cal.allocation(s), t)
+            codecs[t] = per_layer_codecs(model, cal.allocated_geometry(s, t), t)
         else:
             codecs[t] = per_layer_codecs(model, cal.geometry(_for_target(s, t), t), t)
     v, k = codecs["v"], codecs["k"]

@@ -90,14 +90,10 @@ class DrawCalibration(Calibration):
 
 
 def _geometry_bytes(s: dict[str, Any], cal: Calibration) -> int:
-    if s.get("allocate"):  # each layer holds the geometry of its own bit width
-        from kvsplice.allocation import allocated_state_bytes
-
-        return allocated_state_bytes(*cal.allocation(s))
     total = 0
     for t in ("v", "k"):
-        if t in s.get("target", "v"):
-            geo = cal.geometry(_for_target(s, t), t)
+        if t in s.get("target", "v"):  # allocate: each layer holds the geometry of its own bit width
+            geo = cal.allocated_geometry(s, t) if s.get("allocate") else cal.geometry(_for_target(s, t), t)
             total += sum(int(x.nbytes) for c in geo.codecs.values() for x in c.state_tensors().values())
     return total
 
