@@ -147,7 +147,17 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any = None, tokenizer: Any = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the suite on `split` ("dev" | "test"), rewriting `json_path` after every point; returns the result."""
+    """Run the suite on `split` ("dev" | "test"), rewriting `json_path` after every point; returns the result.
+    cfg.matmul "fp32-accumulate": a bf16 model's linears as float32 GEMMs for the whole run (evaluate/bf16.py)."""
+    from kvsplice.evaluate.bf16 import maybe_float32_accumulate
+
+    model, tokenizer, _ = prepare_model(cfg, model, tokenizer)
+    with maybe_float32_accumulate(model, cfg.matmul):
+        return _run_suite(cfg, split, json_path, model, tokenizer, log)
+
+
+def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, tokenizer: Any,
+               log: Callable[[str], None]) -> dict[str, Any]:
     from transformers import DynamicCache
 
     from kvsplice.cache import CompressedCache, model_layout

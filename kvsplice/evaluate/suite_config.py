@@ -18,6 +18,9 @@ A suite measures every method of its grid on every text domain (kvsplice/texts.p
                     geometry (rotations, tables) amortised over `n` sequences of
                     `deployment_tokens` tokens for each n listed: bits/value (b).
     headline        method names whose points the plot labels.
+    matmul          "native", or "fp32-accumulate" for a bfloat16 / float16 `dtype`: the model's linears
+                    as bf16 operands with float32 accumulation, one rounding (evaluate/bf16.py; what a
+                    GPU's bf16 GEMM does, at float32 speed on a CPU without bf16 units).
 
 Methods are `MethodSpec` tables, as in configs/frontier.toml.
 """
@@ -55,6 +58,7 @@ class SuiteConfig:
     name: str = "quick"
     model: str = "smollm2-135m"
     dtype: str = "float32"
+    matmul: str = "native"  # "fp32-accumulate": bf16 / fp16 linears as float32 GEMMs (kvsplice/evaluate/bf16.py)
     threads: int | None = None
     domains: list[str] = field(default_factory=lambda: ["docs", "code", "prose"])
     calibration_domain: str = "docs"
@@ -80,6 +84,8 @@ class SuiteConfig:
 
         _check(isinstance(self.name, str) and bool(self.name), f"name must be a non-empty string, got {self.name!r}")
         _check(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32 | bfloat16 | float16, got {self.dtype!r}")
+        _check(self.matmul == "native" or (self.matmul == "fp32-accumulate" and self.dtype != "float32"),
+               f"matmul must be 'native', or 'fp32-accumulate' with a bfloat16 / float16 dtype; got {self.matmul!r} with {self.dtype}")
         _check(self.threads is None or _pos(self.threads), f"threads must be a positive int, got {self.threads!r}")
         _check(isinstance(self.domains, list) and bool(self.domains) and all(d in domain_names() for d in self.domains)
                and len(set(self.domains)) == len(self.domains), f"domains must be distinct names from {domain_names()}, got {self.domains!r}")
