@@ -206,3 +206,22 @@ def test_protocol_param_forces_prefill_continue_and_windows_use_it(tmp_path, tin
 def test_every_suite_config_in_the_repo_loads(path):
     cfg = SuiteConfig.from_toml(path)
     assert cfg.tokens >= 4096 and len(cfg.domains) >= 3  # the evidence suite's floor, levers included
+
+
+def test_bf16_suite_with_float32_accumulation_runs_and_restores_the_model(tmp_path, tiny_domains):
+    """Issue 9 item 7 at float32 speed: a bfloat16 model, its linears accumulated in float32 for the
+    run (kvsplice/evaluate/bf16.py), peers holding their rows in bf16; the model is unchanged after."""
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    import torch
+
+    from kvsplice.loading import load_model
+
+    model, tok = load_model(str(folder), dtype=torch.bfloat16)
+    cfg = _cfg(str(folder), domains=["alpha"], draws=1, dtype="bfloat16", matmul="fp32-accumulate")
+    r = run_suite(cfg, "test", tmp_path / "b.json", model=model, tokenizer=tok, log=lambda m: None)
+    base = next(q for q in r["points"] if q["method"] == "baseline")
+    assert "bfloat16" in base["setting"] and r["config"]["matmul"] == "fp32-accumulate"
+    assert all(q["ppl"] > 1.0 for q in r["points"]) and {q["method"] for q in r["points"]} >= {"kivi", "pca-q", "streamingllm"}
+    assert not any("forward" in vars(m) for m in model.modules())  # the class forwards are back
