@@ -250,14 +250,15 @@ MIX_DOMAINS = ("docs", "code", "prose")
 MIX_CHUNK_CHARS = 4000
 
 
-def mix_text(domains: tuple[str, ...] | None = None, chunk_chars: int = MIX_CHUNK_CHARS) -> tuple[str, str]:
+def mix_text(domains: tuple[str, ...] | None = None, chunk_chars: int = MIX_CHUNK_CHARS, rotate: float = 0.0) -> tuple[str, str]:
     """The default calibration text: the calibration parts of `domains` (default: every one of
     MIX_DOMAINS installed here) interleaved chunk by chunk (docs, code, prose, docs, ...), so that the
     first few calibration windows already see every domain. Returns (text, one-line description).
 
     Why a mix: calibrated on pydoc alone, pca-q 4-bit lost +4.4 % on prose (test split) against +0.9 %
     with this mix, with in-domain ties (docs/CROSS_DOMAIN.md). Without the prose package (`make
-    texts`) the mix is docs + code, with a warning: the recipe then transfers less well to prose."""
+    texts`) the mix is docs + code, with a warning: the recipe then transfers less well to prose.
+    rotate in [0, 1): each part starts at document int(rotate x its documents) (calibration draws)."""
     import warnings
 
     from kvsplice.errors import KVSpliceWarning
@@ -270,10 +271,12 @@ def mix_text(domains: tuple[str, ...] | None = None, chunk_chars: int = MIX_CHUN
                           f"calibrating on {list(domains)}", KVSpliceWarning, stacklevel=2)
     if not domains:
         raise KVSpliceError("mix_text needs at least one domain")
-    parts = [part_text(d, "calibration") for d in domains]
+    if not 0.0 <= rotate < 1.0:
+        raise KVSpliceError(f"mix_text: rotate must be a fraction in [0, 1), got {rotate!r}")
+    parts = [part_text(d, "calibration", rotate=int(rotate * len(part_documents(d, "calibration")))) for d in domains]
     n = min(len(p) for p in parts) // chunk_chars
     if n < 1:
         raise KVSpliceError(f"a calibration part is shorter than one chunk of {chunk_chars} characters")
     text = "\n\n".join(p[i * chunk_chars:(i + 1) * chunk_chars] for i in range(n) for p in parts)
-    return text, (f"mix of the calibration parts of {'+'.join(domains)} (kvsplice/texts.py), interleaved in "
+    return text, (f"mix of the calibration parts of {'+'.join(domains)} (kvsplice/texts.py{f', rotated {rotate:g}' if rotate else ''}), interleaved in "
                   f"{chunk_chars}-character chunks: {len(text)} chars, sha256 {_sha(text)[:16]}")

@@ -225,3 +225,26 @@ def test_bf16_suite_with_float32_accumulation_runs_and_restores_the_model(tmp_pa
     assert "bfloat16" in base["setting"] and r["config"]["matmul"] == "fp32-accumulate"
     assert all(q["ppl"] > 1.0 for q in r["points"]) and {q["method"] for q in r["points"]} >= {"kivi", "pca-q", "streamingllm"}
     assert not any("forward" in vars(m) for m in model.modules())  # the class forwards are back
+
+
+def test_mix_calibration_domain_interleaves_every_part_and_rotates_per_draw(tmp_path, tiny_domains, monkeypatch):
+    """calibration_domain = "mix": the default calibration text (texts.mix_text) of every MIX_DOMAINS
+    part, each rotated by draw / draws of its documents; provenance of every part recorded."""
+    from kvsplice.evaluate.suite import DrawCalibration
+
+    monkeypatch.setattr(texts, "MIX_DOMAINS", ("alpha", "beta"))
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    from kvsplice.loading import load_model
+
+    model, tok = load_model(str(folder))
+    cfg = _cfg(str(folder), domains=["alpha"], calibration_domain="mix", methods=_cfg().to_dict()["methods"][:1])
+    d0, d1 = (DrawCalibration(cfg, d, model, tok, lambda m: None) for d in (0, 1))
+    assert d0.text == texts.mix_text(("alpha", "beta"))[0] and d1.text != d0.text and d1.rotate == 0.5
+    assert texts.part_text("beta", "calibration")[:200] in d0.text  # both parts are in the mix
+    r = run_suite(cfg, "test", tmp_path / "m.json", model=model, tokenizer=tok, log=lambda m: None)
+    assert [p["domain"] for p in r["calibration"]["provenance"]] == ["alpha", "beta"]
+    assert [x["rotate_documents"] for x in r["calibration"]["draws"]] == [0.0, 0.5]
+    with pytest.raises(KVSpliceError, match="rotate must be"):
+        texts.mix_text(("alpha",), rotate=1.0)

@@ -76,17 +76,33 @@ DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
 class DrawCalibration(Calibration):
-    """`Calibration` on the calibration part of one domain: seed = draw, documents rotated per draw."""
+    """`Calibration` on the calibration part of one domain (or "mix": the project's default text, every
+    MIX_DOMAINS part interleaved): seed = draw, documents rotated per draw (mix: each part by the same
+    fraction draw / draws of its documents)."""
 
     def __init__(self, cfg: SuiteConfig, draw: int, model: Any, tokenizer: Any, log: Callable[[str], None]) -> None:
-        from kvsplice.texts import part_documents, part_text
+        from kvsplice.texts import MIX_DOMAINS, mix_text, part_documents, part_text
 
-        n_docs = len(part_documents(cfg.calibration_domain, "calibration"))
-        self.rotate = draw * n_docs // cfg.draws
-        self.text = part_text(cfg.calibration_domain, "calibration", rotate=self.rotate)
+        if cfg.calibration_domain == "mix":
+            self.rotate = draw / cfg.draws  # a fraction of each part's documents
+            self.text = mix_text(MIX_DOMAINS, rotate=self.rotate)[0]
+        else:
+            n_docs = len(part_documents(cfg.calibration_domain, "calibration"))
+            self.rotate = draw * n_docs // cfg.draws
+            self.text = part_text(cfg.calibration_domain, "calibration", rotate=self.rotate)
         ns = SimpleNamespace(calibration={**cfg.calibration, "seed": draw}, calibration_data=[f"{cfg.calibration_domain}:calibration"])
         super().__init__(ns, model, tokenizer, log, progress=False)
         self.draw = draw  # collection: Calibration._collect on self.text (K and V in one pass)
+
+
+def _calibration_sources(domain: str) -> dict[str, Any]:
+    """Provenance and part info of the calibration text (mix: of each part, in mixing order)."""
+    from kvsplice.texts import MIX_CHUNK_CHARS, MIX_DOMAINS, part_info, provenance
+
+    if domain != "mix":
+        return {"provenance": provenance(domain), "part_info": part_info(domain, "calibration")}
+    return {"provenance": [provenance(d) for d in MIX_DOMAINS], "part_info": [part_info(d, "calibration") for d in MIX_DOMAINS],
+            "mix": f"kvsplice.texts.mix_text: the parts interleaved in {MIX_CHUNK_CHARS}-character chunks"}
 
 
 def _geometry_bytes(s: dict[str, Any], cal: Calibration) -> int:
@@ -176,8 +192,7 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
     result: dict[str, Any] = {
         "kind": "kvsplice-suite", "suite": cfg.name, "split": split, "status": "running", "model": model_id(model),
         **git_commit(), "config": cfg.to_dict(), "domains": {},
-        "calibration": {"domain": cfg.calibration_domain, "part": "calibration", "provenance": provenance(cfg.calibration_domain),
-                        "part_info": part_info(cfg.calibration_domain, "calibration"), "draws": []},
+        "calibration": {"domain": cfg.calibration_domain, "part": "calibration", **_calibration_sources(cfg.calibration_domain), "draws": []},
         "protocols": {TF: {"window": cfg.tf_window, "windows": cfg.tf_windows},
                       PC: {"prefill": cfg.prefill, "continue_tokens": cfg.continue_tokens, "chunk": cfg.chunk,
                            "segments": cfg.segments, "batch_size": cfg.batch_size}},

@@ -12,6 +12,8 @@ A suite measures every method of its grid on every text domain (kvsplice/texts.p
     draws           calibrated methods are fitted `draws` times on the calibration part of
                     `calibration_domain` (draw d: seed d, the part's documents rotated by
                     d * documents // draws, so each draw reads other windows); each draw is a point.
+                    calibration_domain "mix": the default calibration text (texts.mix_text: every
+                    domain's calibration part interleaved), each part rotated by the same fraction.
     block, resamples  the paired moving-block bootstrap (stats.py) of every Δ vs the baseline.
     topk            baseline top-k kept per token for KL / top-1 (tokenmetrics.py).
     deployment_tokens, deployment_sequences
@@ -89,7 +91,8 @@ class SuiteConfig:
         _check(self.threads is None or _pos(self.threads), f"threads must be a positive int, got {self.threads!r}")
         _check(isinstance(self.domains, list) and bool(self.domains) and all(d in domain_names() for d in self.domains)
                and len(set(self.domains)) == len(self.domains), f"domains must be distinct names from {domain_names()}, got {self.domains!r}")
-        _check(self.calibration_domain in domain_names(), f"calibration_domain must be one of {domain_names()}, got {self.calibration_domain!r}")
+        _check(self.calibration_domain in (*domain_names(), "mix"),
+               f"calibration_domain must be one of {domain_names() + ['mix']}, got {self.calibration_domain!r}")
         for k in ("draws", "tokens", "tf_window", "prefill", "continue_tokens", "chunk", "batch_size", "block", "topk", "deployment_tokens"):
             _check(_pos(getattr(self, k)), f"{k} must be a positive int, got {getattr(self, k)!r}")
         _check(self.tf_window >= 2, f"tf_window must be >= 2, got {self.tf_window}")
