@@ -21,6 +21,8 @@ File layout (safetensors: a JSON header then raw little-endian tensors; never pi
                                 by kvsplice/entropy.py (`coder`: "rans" default, "zlib", "lzma")
 Rows are read from the cache's attributes (k_rows / v_rows `_Rows`, the shared `TokenIndex`); caches
 this format cannot hold exactly (a pruner, an unknown layer class) are refused, not approximated.
+Sliding-window layers (Gemma 3) store the rows they hold and their `dropped` count; their codes go to a
+second stream group (`codes1.*`, header "code_groups": rows per group) because they hold fewer rows.
 """
 
 from __future__ import annotations
@@ -82,9 +84,6 @@ def _layers(cache: Any) -> list[Any]:
         if type(layer) is not CompressedLayer or not layer.is_initialized or layer.key_positions is not None:
             raise StorageError(f"layer {i}: expected an initialised CompressedLayer between steps, found "
                                f"{type(layer).__name__} (initialised: {getattr(layer, 'is_initialized', None)})")
-        if getattr(layer, "is_sliding", False) or getattr(layer, "dropped", 0):
-            raise StorageError(f"layer {i} is a sliding-window layer (window {layer.sliding_window}); the storage "
-                               "format does not hold dropped-row bookkeeping yet: pack a model without sliding layers")
     return list(cache.layers)
 
 
@@ -105,14 +104,15 @@ def pack(cache: Any, path: str | os.PathLike, *, model: Any, recipe: Any, input_
     first = layers[0]
     B, length = first.batch_size, first.length
     tensors: dict[str, torch.Tensor] = {}
-    entries, columns, widths_all = [], [], []
+    entries = []
+    groups: dict[int, tuple[list, list]] = {}  # rows held -> (code columns, their widths): a sliding layer holds fewer
     for l, layer in enumerate(layers):
         if layer.length != length or layer.batch_size != B:
             raise StorageError(f"layer {l} holds {layer.length} tokens x {layer.batch_size} sequences, layer 0 "
                                f"{length} x {B}")
         for kind in KINDS:
             rows = getattr(layer, f"{kind}_rows")
-            e = {"layer": l, "kind": kind, "coded": rows.codec is not None, "payload": {}, "codes": None}
+            e = {"layer": l, "kind": kind, "coded": rows.codec is not None, "payload": {}, "codes": None, "dropped": layer.dropped}
             for part in ("raw", "head"):
                 t = getattr(rows, part)
                 e[part] = None if t is None else list(t.shape)
@@ -123,6 +123,7 @@ def pack(cache: Any, path: str | os.PathLike, *, model: Any, recipe: Any, input_
                 e["payload"][name] = [list(t.shape), str(t.dtype)]
                 if name == "codes" and widths is not None and t.dtype == torch.uint8:
                     Bp, Hp, P, _ = t.shape  # (B, H', P, nbytes)
+                    columns, widths_all = groups.setdefault(Bp * P, ([], []))
                     for h, w in enumerate(widths):
                         lay = layout(tuple(w))
                         codes = unpack_fast(t[:, h].cpu(), lay, torch.uint8)  # (B, P, k) stored codes only
@@ -132,12 +133,10 @@ def pack(cache: Any, path: str | os.PathLike, *, model: Any, recipe: Any, input_
                 else:
                     tensors[f"L{l}.{kind}.p.{name}"] = t.detach().cpu().contiguous()
             entries.append(e)
-    if columns and len({c.shape[0] for c in columns}) != 1:
-        raise StorageError(f"coded layers hold different row counts {sorted({c.shape[0] for c in columns})}")
-    if columns:
-        sym = np.ascontiguousarray(np.concatenate(columns, axis=1))  # (N, K): all layers' coefficients
+    for g, (rows_n, (columns, widths_all)) in enumerate(sorted(groups.items(), reverse=True)):
+        sym = np.ascontiguousarray(np.concatenate(columns, axis=1))  # (N, K): the coefficients of every layer holding N rows
         for name, a in entropy.encode(coder, sym, np.asarray(widths_all, dtype=np.int64)).items():
-            tensors[f"codes.{name}"] = torch.from_numpy(np.array(a))  # a writable copy
+            tensors[f"codes.{name}" if g == 0 else f"codes{g}.{name}"] = torch.from_numpy(np.array(a))  # a writable copy
     tokens = cache.tokens
     if tokens is not None:
         if tokens.length != length:
@@ -156,7 +155,7 @@ def pack(cache: Any, path: str | os.PathLike, *, model: Any, recipe: Any, input_
         "recipe_description": recipe.describe(), "coder": coder, "dtype": str(first.dtype), "batch": B,
         "length": length, "num_layers": len(layers), "num_heads": first.num_heads, "head_dim": first.head_dim,
         "window": cache.window, "sink": recipe.sink, "span": None if tokens is None else tokens.span,
-        "code_rows": int(columns[0].shape[0]) if columns else 0, "entries": entries, "extra": meta or {},
+        "code_rows": max(groups, default=0), "code_groups": sorted(groups, reverse=True), "entries": entries, "extra": meta or {},
         "digest": _digest(tensors),
     }
     data = save(tensors, {"kvsplice": json.dumps(header, sort_keys=True)})
@@ -234,15 +233,23 @@ def load_packed(path: str | os.PathLike, model: Any, recipe: Any) -> Packed:
     entries = {(e["layer"], e["kind"]): e for e in h["entries"]}
     if len(entries) != 2 * num_layers or len(h["entries"]) != 2 * num_layers:
         raise StorageError(f"{path}: expected {2 * num_layers} (layer, kind) entries, found {len(h['entries'])}")
-    widths_all = [b for e in h["entries"] if e["codes"] for w in e["codes"]["widths"] for b in w if b > 0]
-    sym = None
-    if widths_all:
-        arrays = {k[6:]: t.numpy() for k, t in tensors.items() if k.startswith("codes.")}
-        sym = entropy.decode(h["coder"], arrays, h["code_rows"], np.asarray(widths_all, dtype=np.int64))
-    col = 0
+    code_groups = h.get("code_groups", [h["code_rows"]] if h["code_rows"] else [])  # one group before sliding layers
+    sym, col = {}, {}
+    for g, n in enumerate(code_groups):  # the coefficients of every layer holding n code rows
+        widths_all = [b for e in h["entries"] if e["codes"] and e["codes"]["rows"] == n for w in e["codes"]["widths"] for b in w if b > 0]
+        prefix = "codes." if g == 0 else f"codes{g}."
+        arrays = {k[len(prefix):]: t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
+        sym[n], col[n] = entropy.decode(h["coder"], arrays, n, np.asarray(widths_all, dtype=np.int64)), 0
     for l, layer in enumerate(cache.layers):
         like = torch.zeros(B, H, 0, D, dtype=dtype, device=dev)
         layer.lazy_initialization(like, like)
+        dropped = {entries[(l, k)].get("dropped", 0) if (l, k) in entries else None for k in KINDS}
+        if len(dropped) != 1 or not isinstance(d := next(iter(dropped)), int) or d < 0 or (d and not layer.is_sliding):
+            raise StorageError(f"{path}: layer {l}: dropped rows {sorted(map(str, dropped))} do not fit a "
+                               f"{'sliding' if layer.is_sliding else 'full-attention'} layer")
+        layer.dropped = d
+        if d and hasattr(layer.view, "dropped"):
+            layer.view.dropped = d
         for kind in KINDS:
             e, rows = entries.get((l, kind)), getattr(layer, f"{kind}_rows")
             if e is None or e["coded"] != (rows.codec is not None):
@@ -250,6 +257,11 @@ def load_packed(path: str | os.PathLike, model: Any, recipe: Any) -> Packed:
                                    f"rows, the recipe {'codes' if rows.codec is not None else 'does not code'} them")
             for part in ("raw", "head"):
                 want = None if getattr(rows, part) is None else e[part]
+                if getattr(rows, part) is not None and e[part] is None:
+                    if part != "head" or not d:
+                        raise StorageError(f"{path}: layer {l} {kind.upper()}: no {part} rows stored, the recipe's cache holds them")
+                    rows.head = None  # a sliding layer freed its sink copy (the sink row left the window)
+                    continue
                 t = _expect(tensors, f"L{l}.{kind}.{part}", want, dtype, path)
                 if t is not None:
                     setattr(rows, part, t.to(dev))
@@ -259,13 +271,16 @@ def load_packed(path: str | os.PathLike, model: Any, recipe: Any) -> Packed:
                     widths = _widths(rows.codec)
                     if widths != e["codes"]["widths"]:
                         raise StorageError(f"{path}: layer {l} {kind.upper()}: stored code widths differ from the recipe's codec")
+                    n = e["codes"]["rows"]
+                    if n not in sym:
+                        raise StorageError(f"{path}: layer {l} {kind.upper()}: {n} code rows, the streams hold {sorted(sym)}")
                     per_head = []
                     for w in widths:
                         lay = layout(tuple(w))
                         k = len(lay.index)
-                        stored = torch.from_numpy(sym[:, col : col + k].astype(np.int64)).reshape(shape[0], shape[2], k)
+                        stored = torch.from_numpy(sym[n][:, col[n] : col[n] + k].astype(np.int64)).reshape(shape[0], shape[2], k)
                         per_head.append(pack_fast(scatter_codes(stored, lay), lay))
-                        col += k
+                        col[n] += k
                     t = torch.stack(per_head, 1)
                     if list(t.shape) != shape:
                         raise StorageError(f"{path}: layer {l} {kind.upper()} codes rebuild as {list(t.shape)}, header says {shape}")
@@ -275,11 +290,12 @@ def load_packed(path: str | os.PathLike, model: Any, recipe: Any) -> Packed:
                 P = shape[2]
             rows.payload = payload or None
             held = P + (rows.raw.shape[2] if rows.raw is not None else 0)
-            if held != length or (rows.raw is not None and rows.raw.shape[0] != B):
-                raise StorageError(f"{path}: layer {l} {kind.upper()} holds {held} rows, the header says {length}")
+            if held != length - d or (rows.raw is not None and rows.raw.shape[0] != B):
+                raise StorageError(f"{path}: layer {l} {kind.upper()} holds {held} rows, the header says {length} - {d} dropped")
         layer.length = length
-    if col != (sym.shape[1] if sym is not None else 0):
-        raise StorageError(f"{path}: {sym.shape[1] - col} coded columns left over (entries and streams disagree)")
+    for n, a in sym.items():
+        if col[n] != a.shape[1]:
+            raise StorageError(f"{path}: {a.shape[1] - col[n]} coded columns left over (entries and streams disagree)")
     if cache.tokens is not None:
         tok = cache.tokens
         pos = _expect(tensors, "tokens.positions", [B, length] if tok.keep_positions else [B, 0], torch.int32, path)

@@ -173,18 +173,28 @@ def test_v_only_recipe_round_trips_raw_k_and_empty_positions(tiny_llama, tmp_pat
     assert torch.equal(_next_logits(model, cache, mask), _next_logits(model, back, mask))
 
 
-def test_sliding_window_layers_are_refused_not_stored_wrong(tmp_path):
-    """Gemma 3 sliding layers drop their oldest rows: the format does not hold that yet, so pack refuses."""
-    from test_model_types import MAKERS, _feed, _identity_geometry
+@pytest.mark.parametrize("codec", ["pca-q", "xpred-pca-q"])
+def test_sliding_window_layers_round_trip_exactly(tmp_path, codec):
+    """Gemma 3 sliding layers hold only their window (and free the sink copy once it leaves): the file
+    stores what they hold and their dropped count, their codes in a second stream group; the
+    restored cache continues with the same logits. xpred: each layer predicted within its type."""
+    from conftest import make_byte_tokenizer
+    from test_model_types import _build
 
-    from kvsplice.api import Recipe
-    from kvsplice.models import get_adapter
-
-    model = MAKERS["gemma3_text"]()
-    recipe = Recipe(v=_identity_geometry(get_adapter(model), "v"), sink=0)
-    cache = recipe.cache(model)
-    ids = torch.randint(3, 200, (1, 9), generator=torch.Generator().manual_seed(0))  # 9 > window 6
-    _feed(model, ids, cache, [9])
-    with pytest.raises(StorageError, match="sliding-window layer"):
-        pack(cache, tmp_path / "g.kvs", model=model, recipe=recipe, input_ids=ids)
-    assert not (tmp_path / "g.kvs").exists()
+    model = _build("Gemma3TextConfig", "Gemma3ForCausalLM", num_hidden_layers=4, num_key_value_heads=1, head_dim=8,
+                   query_pre_attn_scalar=8, sliding_window=6,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]).eval()
+    tok = make_byte_tokenizer()
+    recipe = kvsplice.calibrate_recipe(model, tok, TEXT, codec=codec, bits=3, seq_len=64, max_batches=3)
+    cache, ids, mask = _prefill(model, recipe)
+    assert cache.layers[0].dropped > 0 and cache.layers[0].v_rows.head is None and cache.layers[1].v_rows.head is not None
+    info = pack(cache, tmp_path / "g.kvs", model=model, recipe=recipe, input_ids=ids, attention_mask=mask)
+    assert info["code_groups"] == [2 * 40, 2 * 5]  # full layers hold 40 rows per sequence, sliding ones 5
+    back = unpack(tmp_path / "g.kvs", model, recipe)
+    for a, b in zip(cache.layers, back.layers):
+        assert (a.dropped, a.length) == (b.dropped, b.length)
+        for kind in ("k_rows", "v_rows"):
+            ra, rb = getattr(a, kind), getattr(b, kind)
+            assert all(torch.equal(ra.payload[n], rb.payload[n]) for n in ra.payload) and (ra.head is None) == (rb.head is None)
+    assert cache.memory() == back.memory()
+    assert torch.equal(_next_logits(model, cache, mask), _next_logits(model, back, mask))
