@@ -208,6 +208,20 @@ def _expect(tensors: dict, name: str, shape: list | None, dtype: Any, path: Any)
     return t
 
 
+def code_groups(h: dict, tensors: dict[str, torch.Tensor]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{rows N: (codes (N, K), bit widths (K,))} of a packed file's code streams, one group per row
+    count (full-attention layers; sliding ones hold fewer rows). EntropyError on a corrupted stream."""
+    groups = h.get("code_groups", [h["code_rows"]] if h["code_rows"] else [])  # files before sliding layers: one group
+    out = {}
+    for g, n in enumerate(groups):
+        widths = np.asarray([b for e in h["entries"] if e["codes"] and e["codes"]["rows"] == n
+                             for w in e["codes"]["widths"] for b in w if b > 0], dtype=np.int64)
+        prefix = "codes." if g == 0 else f"codes{g}."
+        arrays = {k[len(prefix):]: t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
+        out[n] = (entropy.decode(h["coder"], arrays, n, widths), widths)
+    return out
+
+
 def load_packed(path: str | os.PathLike, model: Any, recipe: Any) -> Packed:
     """Restore a packed cache for `model` with `recipe` (checked: model id, recipe hash, dtype,
     layout, every tensor's shape and dtype, lengths, the code streams)."""
@@ -233,13 +247,8 @@ def load_packed(path: str | os.PathLike, model: Any, recipe: Any) -> Packed:
     entries = {(e["layer"], e["kind"]): e for e in h["entries"]}
     if len(entries) != 2 * num_layers or len(h["entries"]) != 2 * num_layers:
         raise StorageError(f"{path}: expected {2 * num_layers} (layer, kind) entries, found {len(h['entries'])}")
-    code_groups = h.get("code_groups", [h["code_rows"]] if h["code_rows"] else [])  # one group before sliding layers
-    sym, col = {}, {}
-    for g, n in enumerate(code_groups):  # the coefficients of every layer holding n code rows
-        widths_all = [b for e in h["entries"] if e["codes"] and e["codes"]["rows"] == n for w in e["codes"]["widths"] for b in w if b > 0]
-        prefix = "codes." if g == 0 else f"codes{g}."
-        arrays = {k[len(prefix):]: t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
-        sym[n], col[n] = entropy.decode(h["coder"], arrays, n, np.asarray(widths_all, dtype=np.int64)), 0
+    sym = {n: a for n, (a, _) in code_groups(h, tensors).items()}
+    col = {n: 0 for n in sym}
     for l, layer in enumerate(cache.layers):
         like = torch.zeros(B, H, 0, D, dtype=dtype, device=dev)
         layer.lazy_initialization(like, like)
