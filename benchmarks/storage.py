@@ -104,7 +104,7 @@ def main() -> int:
     doc = {
         "config": {"model": args.model, "values_held": values, "preset": args.preset, "tokens": T, "batch": 1, "layers": layers, "kv_heads": H, "head_dim": D,
                    "text": data.describe_default("evaluation"), "reps": args.reps, "threads": 1,
-                   "bits_per_value": "bytes * 8 / (tokens * layers * 2 * kv_heads * head_dim)",
+                   "bits_per_value": "bytes * 8 / values held (sum over layers of rows held * 2 * kv_heads * head_dim)",
                    "sixteen_bit_bits_per_value": 16.0,
                    "timing": "median seconds; ratios to the prefill through the recipe's cache (what a reuse saves)",
                    "command": "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/storage.py " + " ".join(sys.argv[1:])},

@@ -225,14 +225,16 @@ def calibrate_allocated(model: Any, tokenizer: Any, text: str | None, cfgs: dict
     check_allocation_params(s, "calibrate")
     if first.layers is not None:
         raise KVSpliceError(f"allocate spreads the budget over every layer; got layers={list(first.layers)}: drop layers")
+    probe_text = None
     if text is None:
-        from kvsplice.texts import mix_text
+        from kvsplice.texts import PROBE_MIX_CHARS, mix_text
 
         text, description = mix_text()
+        probe_text = mix_text(chunk_chars=PROBE_MIX_CHARS)[0]  # the probe's 512 tokens then see every domain
     keep = ("knots", "epochs", "samples", "max_batches", "seq_len", "batch_size", "seed")
     cal = Calibration(SimpleNamespace(calibration={k: v for k, v in first.to_dict().items() if k in keep}, calibration_data=None),
                       model, tokenizer, log=print if progress else (lambda m: None), progress=progress)
-    cal.text = text
+    cal.text, cal.probe_text = text, probe_text
     geo = {t: cal.allocated_geometry(s, t, description or "custom text") for t in cfgs}
     return Recipe(v=geo.get("v"), k=geo.get("k"), sink=sink, model=model_id(model))
 

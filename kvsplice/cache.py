@@ -398,6 +398,9 @@ class CompressedCache(Cache):
                                     f"windows {sliding_windows}: fit the geometry for this model (xpred.predecessors)")
             if len(set(prevs.values())) != len(prevs):  # the chain frees a layer's rows once its successor read them
                 raise KVSpliceError(f"{name}: two layers predicted from the same layer: {prevs}")
+            misplaced = [(l, c.codecs[0].layer) for l, c in enumerate(cs) if getattr(c, "predictive", False) and c.codecs[0].layer != l]
+            if misplaced:  # the chain is keyed by the codec's own layer
+                raise KVSpliceError(f"{name}: predicted codecs fitted for another layer (position, codec layer): {misplaced}")
         for name, cs in (("v_codecs", v_codecs), ("k_codecs", k_codecs)):
             flags = [bool(getattr(c, "predictive", False)) for c in cs]
             if any(flags) and not all(flags):
@@ -405,6 +408,11 @@ class CompressedCache(Cache):
                                     f"layers without one: {[l for l, f in enumerate(flags) if not f]}")
         # one TokenIndex for all layers: every layer sees the same tokens (stored and counted once)
         self.tokens = TokenIndex(sink, position_aware) if (sink or position_aware or predictive) else None
+        if predictive:  # keep a layer's decoded rows in the step's chain only if a layer is predicted from them
+            from kvsplice.rows import Chain
+
+            for what, cs in (("K", k_codecs), ("V", v_codecs)):
+                self.tokens.chains[what] = Chain({c.codecs[0].prev for c in cs if getattr(c, "predictive", False)} - {-1})
         layers = [
             CompressedLayer(v, k, pruner, window, strategy, i, sink, self.tokens, w)
             for i, (v, k, w) in enumerate(zip(v_codecs, k_codecs, sliding_windows))

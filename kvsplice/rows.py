@@ -115,7 +115,8 @@ class LayerCodec:
                     del self.chain[c.prev]  # each layer has one successor (CompressedCache checks): free its rows
                 elif self.chain is None:
                     raise KVSpliceError(f"layer {c.layer}: a cross-layer predicted codec runs only inside a CompressedCache (no chain bound)")
-                self.chain[c.layer] = y  # the successor predicts from these rows (one layer per chain held)
+                if getattr(self.chain, "needed", None) is None or c.layer in self.chain.needed:
+                    self.chain[c.layer] = y  # the successor predicts from these rows (one layer per type held)
             return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         return torch.stack([c.decode({k: v[:, h] for k, v in payload.items()}) for h, c in enumerate(self.codecs)], 1)
 
@@ -221,6 +222,16 @@ class TokenIndex:
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.positions, self.sink_rows) if t is not None)
+
+
+class Chain(dict):
+    """{layer: its decoded rows (B, n, H * D) of this step}, for cross-layer prediction. `needed`: the
+    layers some layer is predicted from (CompressedCache sets it); others' rows are not kept (None:
+    keep every layer's, for a LayerCodec used on its own)."""
+
+    def __init__(self, needed: set[int] | None = None) -> None:
+        super().__init__()
+        self.needed = needed
 
 
 class SlidingTokens:

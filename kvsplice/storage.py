@@ -69,7 +69,8 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # an empty stream has no bytes
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode() + data)
     return h.hexdigest()
 
 
@@ -136,7 +137,8 @@ def pack(cache: Any, path: str | os.PathLike, *, model: Any, recipe: Any, input_
     for g, (rows_n, (columns, widths_all)) in enumerate(sorted(groups.items(), reverse=True)):
         sym = np.ascontiguousarray(np.concatenate(columns, axis=1))  # (N, K): the coefficients of every layer holding N rows
         for name, a in entropy.encode(coder, sym, np.asarray(widths_all, dtype=np.int64)).items():
-            tensors[f"codes.{name}" if g == 0 else f"codes{g}.{name}"] = torch.from_numpy(np.array(a))  # a writable copy
+            t = torch.from_numpy(np.array(a)) if a.size else torch.empty(0, dtype=torch.from_numpy(np.zeros(1, a.dtype)).dtype)
+            tensors[f"codes.{name}" if g == 0 else f"codes{g}.{name}"] = t.contiguous()  # a writable copy
     tokens = cache.tokens
     if tokens is not None:
         if tokens.length != length:
@@ -256,6 +258,9 @@ def load_packed(path: str | os.PathLike, model: Any, recipe: Any) -> Packed:
         if len(dropped) != 1 or not isinstance(d := next(iter(dropped)), int) or d < 0 or (d and not layer.is_sliding):
             raise StorageError(f"{path}: layer {l}: dropped rows {sorted(map(str, dropped))} do not fit a "
                                f"{'sliding' if layer.is_sliding else 'full-attention'} layer")
+        if layer.is_sliding and d != max(0, length - (layer.sliding_window - 1)):
+            raise StorageError(f"{path}: layer {l}: {d} dropped rows; a sliding layer of window {layer.sliding_window} "
+                               f"holding {length} tokens drops {max(0, length - (layer.sliding_window - 1))}")
         layer.dropped = d
         if d and hasattr(layer.view, "dropped"):
             layer.view.dropped = d

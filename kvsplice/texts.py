@@ -248,6 +248,9 @@ def part_info(name: str, part: str) -> dict[str, object]:
 
 MIX_DOMAINS = ("docs", "code", "prose")
 MIX_CHUNK_CHARS = 4000
+# the sensitivity probe (kvsplice/allocation.py) reads the first 512 tokens: chunks this short put
+# every mixed domain in them (a 4,000-character chunk is ~1,000 tokens of one domain)
+PROBE_MIX_CHARS = 500
 
 
 def mix_text(domains: tuple[str, ...] | None = None, chunk_chars: int = MIX_CHUNK_CHARS, rotate: float = 0.0) -> tuple[str, str]:

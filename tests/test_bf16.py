@@ -23,6 +23,11 @@ def test_bf16_linears_accumulate_in_float32_and_are_restored():
             fast = model(ids).logits
             q = model.model.layers[0].self_attn.q_proj(torch.randn(3, 32, dtype=torch.bfloat16))
         assert "forward" not in vars(model.model.layers[0].self_attn.q_proj)  # the class forward is back
+        with float32_accumulate(model):
+            with float32_accumulate(model):  # nested: the outer context's forwards come back on the inner exit
+                pass
+            torch.testing.assert_close(model(ids).logits, fast, atol=0, rtol=0)
+        assert not any("forward" in vars(m) for m in model.modules())
         again = model(ids).logits
     assert fast.dtype == torch.bfloat16 and q.dtype == torch.bfloat16
     torch.testing.assert_close(again, native, atol=0, rtol=0)

@@ -55,10 +55,10 @@ def setup(tiny_llama):
     return model, tok, recipe
 
 
-def _prefill(model, recipe):
-    """Batch 2, left-padded (sequence 0 has 5 pads): (cache, ids, mask)."""
+def _prefill(model, recipe, batch=2):
+    """Batch 2 (or `batch`), left-padded (sequence 0 has 5 pads): (cache, ids, mask)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 259, (2, 40), generator=g)
+    ids = torch.randint(3, 259, (batch, 40), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     ids[0, :5] = 0
@@ -70,13 +70,13 @@ def _prefill(model, recipe):
 
 
 def _next_logits(model, cache, mask, steps=3):
-    """Logits (2, steps, vocab) of `steps` next tokens fed one at a time through `cache`."""
+    """Logits (B, steps, vocab) of `steps` next tokens fed one at a time through `cache`."""
     g = torch.Generator().manual_seed(1)
-    out = []
+    out, B = [], mask.shape[0]
     with torch.no_grad():
         for _ in range(steps):
-            tok = torch.randint(3, 259, (2, 1), generator=g)
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            tok = torch.randint(3, 259, (B, 1), generator=g)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
             pos = mask.sum(-1, keepdim=True) - 1
             out.append(model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=cache).logits)
     return torch.cat(out, 1)
@@ -173,8 +173,8 @@ def test_v_only_recipe_round_trips_raw_k_and_empty_positions(tiny_llama, tmp_pat
     assert torch.equal(_next_logits(model, cache, mask), _next_logits(model, back, mask))
 
 
-@pytest.mark.parametrize("codec", ["pca-q", "xpred-pca-q"])
-def test_sliding_window_layers_round_trip_exactly(tmp_path, codec):
+@pytest.mark.parametrize("codec,batch", [("pca-q", 2), ("xpred-pca-q", 2), ("xpred-pca-q", 1)])
+def test_sliding_window_layers_round_trip_exactly(tmp_path, codec, batch):
     """Gemma 3 sliding layers hold only their window (and free the sink copy once it leaves): the file
     stores what they hold and their dropped count, their codes in a second stream group; the
     restored cache continues with the same logits. xpred: each layer predicted within its type."""
@@ -186,10 +186,10 @@ def test_sliding_window_layers_round_trip_exactly(tmp_path, codec):
                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]).eval()
     tok = make_byte_tokenizer()
     recipe = kvsplice.calibrate_recipe(model, tok, TEXT, codec=codec, bits=3, seq_len=64, max_batches=3)
-    cache, ids, mask = _prefill(model, recipe)
+    cache, ids, mask = _prefill(model, recipe, batch)
     assert cache.layers[0].dropped > 0 and cache.layers[0].v_rows.head is None and cache.layers[1].v_rows.head is not None
     info = pack(cache, tmp_path / "g.kvs", model=model, recipe=recipe, input_ids=ids, attention_mask=mask)
-    assert info["code_groups"] == [2 * 40, 2 * 5]  # full layers hold 40 rows per sequence, sliding ones 5
+    assert info["code_groups"] == [batch * 40, batch * 5]  # full layers hold 40 rows per sequence, sliding ones 5
     back = unpack(tmp_path / "g.kvs", model, recipe)
     for a, b in zip(cache.layers, back.layers):
         assert (a.dropped, a.length) == (b.dropped, b.length)

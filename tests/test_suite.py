@@ -243,8 +243,9 @@ def test_mix_calibration_domain_interleaves_every_part_and_rotates_per_draw(tmp_
     d0, d1 = (DrawCalibration(cfg, d, model, tok, lambda m: None) for d in (0, 1))
     assert d0.text == texts.mix_text(("alpha", "beta"))[0] and d1.text != d0.text and d1.rotate == 0.5
     assert texts.part_text("beta", "calibration")[:200] in d0.text  # both parts are in the mix
+    assert texts.part_text("beta", "calibration")[:100] in d0.probe_text[:1200]  # the probe's first tokens see both
     r = run_suite(cfg, "test", tmp_path / "m.json", model=model, tokenizer=tok, log=lambda m: None)
     assert [p["domain"] for p in r["calibration"]["provenance"]] == ["alpha", "beta"]
-    assert [x["rotate_documents"] for x in r["calibration"]["draws"]] == [0.0, 0.5]
+    assert [x["rotate_fraction"] for x in r["calibration"]["draws"]] == [0.0, 0.5]
     with pytest.raises(KVSpliceError, match="rotate must be"):
         texts.mix_text(("alpha",), rotate=1.0)

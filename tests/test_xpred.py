@@ -157,6 +157,12 @@ def test_hybrid_model_predicts_within_each_attention_type():
     assert float((one - ref).abs().max()) < 0.05  # 8 bits: near lossless on every layer type
     out = model.generate(ids[:, :10], cache=make(), max_new_tokens=6, do_sample=False)
     assert out.shape[1] == 16
+    cache = make()
+    _chunked(model, ids, cache, [12, 1])
+    assert {w: dict(ch) for w, ch in cache.tokens.chains.items()} == {"K": {}, "V": {}}  # every kept row was read and freed
+    assert cache.tokens.chains["V"].needed == {0, 1}
+    c = geos["v"].codecs[(3, -1)]
+    assert "prev" in c.params and "prev" not in geos["v"].codecs[(0, -1)].params  # default l - 1: files hash as before
     geos["v"].codecs[(2, -1)].prev = 1  # a sliding layer predicted from a global one: different rows held
     with pytest.raises(KVSpliceError, match="another sliding window"):
         CompressedCache.from_geometry(model, geos["v"], geos["k"], sink=1)

@@ -46,7 +46,9 @@ class XPredPCAQ(TransformQ):
             raise CodecError(f"{self.name}: residuals are coded with pca-q (no warp, rotation on)")
         super().__init__(bits=bits, **kwargs)
         self.params["layer"] = self.layer = layer
-        self.params["prev"] = self.prev = prev
+        self.prev = prev
+        if prev != layer - 1:  # only when it is not the default: files written before `prev` hash the same
+            self.params["prev"] = prev
         self.pred: torch.Tensor | None = None  # (D + 1, D) float32
 
     def fit(self, x: torch.Tensor, metric: torch.Tensor | None = None) -> "XPredPCAQ":

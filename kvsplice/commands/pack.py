@@ -86,9 +86,10 @@ def run_unpack(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(h, indent=2, sort_keys=True))
         return 0
-    values = 2 * h["length"] * h["batch"] * h["num_layers"] * h["num_heads"] * h["head_dim"]
+    # values held: a sliding layer holds its window only (each (layer, kind) entry records its dropped rows)
+    values = sum(h["length"] - e.get("dropped", 0) for e in h["entries"]) * h["batch"] * h["num_heads"] * h["head_dim"]
     size = sum(t.nbytes for t in tensors.values())
-    codes = sum(t.nbytes for k, t in tensors.items() if k.startswith("codes."))
+    codes = sum(t.nbytes for k, t in tensors.items() if k.startswith("codes"))
     prompt = tensors.get("input_ids")
     print(f"{args.file}: {h['format']} v{h['version']}\n"
           f"  model {h['model']}, dtype {h['dtype']}; recipe {h['recipe_description']} (hash {h['recipe'][:16]})\n"

@@ -37,20 +37,23 @@ def float32_accumulate(model: nn.Module) -> Iterator[int]:
     """Inside the context every bf16 / fp16 nn.Linear of `model` runs as (bf16 operands, float32
     accumulation, one rounding to its dtype); yields how many layers were switched. KVSpliceError for
     a model with no such layer (a float32 model: the option would silently do nothing)."""
-    switched: list[nn.Linear] = []
+    switched: list[tuple[nn.Linear, Any]] = []  # (module, its own instance forward before, or None)
     try:
         for m in model.modules():
             if isinstance(m, nn.Linear) and m.weight.dtype in LOW and m.weight.device.type == "cpu":
                 b32 = None if m.bias is None else m.bias.detach().float()
+                switched.append((m, vars(m).get("forward")))
                 m.forward = _forward(m.weight.detach().float(), b32, m.weight.dtype)
-                switched.append(m)
         if not switched:
             dtypes = sorted({str(p.dtype) for p in model.parameters()})
             raise KVSpliceError(f"float32_accumulate: expected a bf16 / fp16 model on the CPU, found parameter dtypes {dtypes}")
         yield len(switched)
     finally:
-        for m in switched:
-            del m.forward  # back to the class's forward
+        for m, before in switched:
+            if before is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = before  # an outer context's (or a hook library's) own forward
 
 
 def maybe_float32_accumulate(model: nn.Module, matmul: str) -> Any:

@@ -43,6 +43,8 @@ __all__ = [
 
 SHAREABLE_WARPS = ("spline", "bennett")  # warps fitted on the data alone (not on the bit budget)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# setting keys that are not codec parameters (cache layout, protocol, allocation)
+NON_CODEC_KEYS = ("codec", "target", "joint_heads", "window", "sink", "k", "protocol", "k_rope", *ALLOCATE_KEYS)
 
 
 def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
@@ -88,7 +90,8 @@ class Calibration:
         family = json.dumps({k: v for k, v in base.items() if k not in ("window", "bits")}, sort_keys=True)
         if family not in self.allocations:
             n = int(s.get("probe_tokens", DEFAULT_PROBE_TOKENS))
-            ids = self.tokenizer(self._text(), return_tensors="pt").input_ids[:, :n]
+            text = getattr(self, "probe_text", None) or self._text()  # mix: finer chunks, so the probe sees every domain
+            ids = self.tokenizer(text, return_tensors="pt").input_ids[:, :n]
             if ids.shape[1] < n:
                 raise KVSpliceError(f"sensitivity probe: expected {n} calibration tokens, found {ids.shape[1]}")
             self.allocations[family] = run_probe(self.model, base, lambda g, t: self.geometry(g, t), ids, self.log)
@@ -117,7 +120,7 @@ class Calibration:
         if key not in self.geometries:
             from kvsplice.codecs.xpred import fit_xpred_geometry
 
-            params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "sink", "protocol", "bits", *ALLOCATE_KEYS)}
+            params = {k: v for k, v in s.items() if k not in (*NON_CODEC_KEYS, "bits")}
             geo = fit_xpred_geometry(self.model, self.tokenizer, "", target, params, rows=self.rows(target),
                                      layer_bits=alloc.bits[target], meta=dict(self.geometry({**s, "bits": alloc.bits[target][0]}, target).meta))
             geo.meta["allocation"] = allocation_meta(alloc, target)
@@ -164,7 +167,7 @@ class Calibration:
         from kvsplice.models import get_adapter
 
         joint = bool(s.get("joint_heads", False))
-        codec_params = {k: v for k, v in s.items() if k not in ("codec", "target", "joint_heads", "window", "sink", "k", "protocol", "k_rope", *ALLOCATE_KEYS)}
+        codec_params = {k: v for k, v in s.items() if k not in NON_CODEC_KEYS}
         k_rope = s.get("k_rope", "pre") if target == "k" else "pre"  # V is the same either way
         if getattr(CODECS[s["codec"]], "default_warp", None) == "spline" and "warp" not in codec_params:
             # the seed spline inside a transform coder: train it like the seed's spline-pca rows

@@ -81,11 +81,12 @@ class DrawCalibration(Calibration):
     fraction draw / draws of its documents)."""
 
     def __init__(self, cfg: SuiteConfig, draw: int, model: Any, tokenizer: Any, log: Callable[[str], None]) -> None:
-        from kvsplice.texts import MIX_DOMAINS, mix_text, part_documents, part_text
+        from kvsplice.texts import MIX_DOMAINS, PROBE_MIX_CHARS, mix_text, part_documents, part_text
 
         if cfg.calibration_domain == "mix":
             self.rotate = draw / cfg.draws  # a fraction of each part's documents
             self.text = mix_text(MIX_DOMAINS, rotate=self.rotate)[0]
+            self.probe_text = mix_text(MIX_DOMAINS, PROBE_MIX_CHARS, rotate=self.rotate)[0]
         else:
             n_docs = len(part_documents(cfg.calibration_domain, "calibration"))
             self.rotate = draw * n_docs // cfg.draws
@@ -203,7 +204,8 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
     def calibration(draw: int) -> DrawCalibration:
         if draw not in cals:
             cals[draw] = DrawCalibration(cfg, draw, model, tokenizer, log)
-            result["calibration"]["draws"].append({"draw": draw, "seed": draw, "rotate_documents": cals[draw].rotate})
+            rot = "rotate_fraction" if cfg.calibration_domain == "mix" else "rotate_documents"  # mix: each part by this fraction
+            result["calibration"]["draws"].append({"draw": draw, "seed": draw, rot: cals[draw].rotate})
         return cals[draw]
 
     def save_point(q: dict[str, Any], scorer: TokenScorer) -> None:
@@ -239,7 +241,7 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
             sc = TokenScorer(record_topk=cfg.topk)
             r = measure(protocol, DynamicCache, sc, "baseline")
             refs[protocol] = sc
-            q = {"domain": domain, "method": "baseline", "family": "baseline", "setting": f"DynamicCache {cfg.dtype}",
+            q = {"domain": domain, "method": "baseline", "family": "baseline", "setting": f"DynamicCache {cfg.dtype}" + (" (fp32-accumulate)" if cfg.matmul != "native" else ""),
                  "protocol": protocol, "draw": None, "tokens": int(r.tokens), "ppl": float(r.ppl), "baseline_ppl": float(r.ppl),
                  "delta_pct": 0.0, "ci95": [0.0, 0.0], "verdict": "tie", "kl": 0.0, "top1": 1.0, "ref_mass": None,
                  "kv_bytes_per_token": float(r.kv_bytes_per_token), **honest_bits(held_bits(r, cfg.dtype), 0, vpt, cfg),
