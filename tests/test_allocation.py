@@ -144,3 +144,19 @@ def test_calibrate_cli_allocate_writes_a_recipe_and_refuses_misuse(tmp_path, cap
     assert rc == 0
     meta = json.loads((tmp_path / "r" / "recipe.json").read_text())
     assert meta and (tmp_path / "r" / "k.safetensors").exists()
+
+
+def test_cli_low_bit_preset_with_allocation_is_one_flag_more(tmp_path):
+    """The best live recipe at <= 2 bits, levers 1 + 2: `--preset low-bit --allocate sensitivity`."""
+    from kvsplice.geometry import load_geometry
+
+    m = tmp_path / "m"
+    make_tiny_llama().save_pretrained(m)
+    make_byte_tokenizer().save_pretrained(m)
+    (tmp_path / "t.txt").write_text(TEXT)
+    rc = main(["calibrate", "--model", str(m), "--data", str(tmp_path / "t.txt"), "--preset", "low-bit", "--allocate", "sensitivity",
+               "--param", "bits=3", "--levels", "2", "3", "6", "--max-batches", "3", "--seq-len", "128", "--quiet", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    v = load_geometry(tmp_path / "r" / "v.safetensors")
+    bits = json.loads(v.meta["allocation"])["bits"]
+    assert [v.codecs[(l, -1)].name for l in range(2)] == ["xpred-pca-q"] * 2 and [v.codecs[(l, -1)].bits for l in range(2)] == bits
