@@ -115,7 +115,7 @@ def test_eval_cli_puts_bos_first_in_every_window(tmp_path):
 
 
 def test_paths_without_bos_windows_refuse_a_bos_tokenizer(tmp_path):
-    """Frontier grid, ablation, longctx and demo slice the plain stream: with a BOS-adding tokenizer
+    """Frontier grid, ablation and demo slice the plain stream: with a BOS-adding tokenizer
     (Gemma) they would report numbers 2-3x off, so they refuse instead of guessing."""
     from kvsplice.data import refuse_bos_tokenizer
     from kvsplice.evaluate.frontier import FrontierConfig, run_frontier
@@ -128,5 +128,30 @@ def test_paths_without_bos_windows_refuse_a_bos_tokenizer(tmp_path):
     model = make_tiny_llama()
     with pytest.raises(KVSpliceError, match="frontier"):
         run_frontier(FrontierConfig.quick(), model=model, tokenizer=_bos_tokenizer(), log=lambda m: None, progress=False)
-    with pytest.raises(KVSpliceError, match="longctx"):
-        run_longctx(model, _bos_tokenizer(), TaskSpec(lengths=[128], trials=1), ["baseline"], out=None, ppl_prefill=0, ppl_tokens=64)
+
+
+def test_longctx_puts_bos_first_in_every_context_and_the_perplexity_window():
+    """kvsplice longctx on a BOS-adding tokenizer (Gemma 3): each trial's context starts with <bos> and
+    keeps its length; the perplexity-after-prefill window starts with it too."""
+    from kvsplice.data import evaluation_text, tokenize
+    from kvsplice.evaluate import longctx_run
+    from kvsplice.evaluate.longctx import TaskSpec, make_trial
+
+    tok = _bos_tokenizer()
+    stream = tokenize(tok, evaluation_text()[:20000])
+    spec = TaskSpec(lengths=[800], trials=1)
+    for task in ("passkey", "multikey"):
+        t, plain = make_trial(tok, stream, spec, task, 800, 0), make_trial(make_byte_tokenizer(), stream, spec, task, 800, 0)
+        assert int(t.context[0]) == BOS and int(plain.context[0]) != BOS
+        assert t.context.shape == plain.context.shape  # the haystack gives the BOS its token
+    seen = []
+    real = longctx_run.ppl_after_prefill
+    longctx_run.ppl_after_prefill = lambda model, stream, *a, **k: (seen.append(int(stream[0])), real(model, stream, *a, **k))[1]
+    try:
+        m = make_tiny_llama()
+        m.config.max_position_embeddings = 1024
+        longctx_run.run_longctx(m, tok, TaskSpec(lengths=[300], trials=1, tasks=["passkey"]), ["baseline"], out=None,
+                                ppl_prefill=64, ppl_tokens=16)
+    finally:
+        longctx_run.ppl_after_prefill = real
+    assert seen == [BOS]

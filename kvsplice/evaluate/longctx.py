@@ -142,8 +142,11 @@ def make_trial(tokenizer: Any, stream: torch.Tensor, spec: TaskSpec, task: str, 
     if task not in TASKS:
         raise LongCtxError(f"task must be one of {TASKS}, got {task!r}")
     rng = random.Random(f"{spec.seed}:{task}:{length}:{index}")
+    from kvsplice.data import bos_id
+
     before, after = prompt_parts(tokenizer, spec.prompt)
-    head = _enc(tokenizer, before + HEAD[task])
+    bos = bos_id(tokenizer)  # Gemma 3 adds <bos> by default: the context starts with it, as in the model's training
+    head = ([] if bos is None else [bos]) + _enc(tokenizer, before + HEAD[task])
     if task == "passkey":
         depths = [spec.depths[index % len(spec.depths)]]
         values = [str(rng.randint(10000, 99999))]

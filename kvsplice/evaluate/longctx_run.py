@@ -215,10 +215,11 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     t_start = time.perf_counter()
     layers, heads, head_dim = model_layout(model)
     vpt = 2 * layers * heads * head_dim
-    from kvsplice.data import refuse_bos_tokenizer
+    from kvsplice.data import bos_id
 
-    refuse_bos_tokenizer(tokenizer, "kvsplice longctx")
     stream = tokenize(tokenizer, evaluation_text())
+    bos = bos_id(tokenizer)  # trials put it first themselves; the perplexity window starts with it too
+    ppl_stream = stream if bos is None else torch.cat([torch.tensor([bos]), stream])
     methods = ["baseline"] + [m for m in dict.fromkeys(methods) if m != "baseline"]
     reg = Methods(model, tokenizer, calibration, log)
     result: dict[str, Any] = {"model": model_id(model), "spec": spec.to_dict(), "dev": None, "methods": {}, "cells": [],
@@ -273,7 +274,7 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
             if any(p["method"] == name for p in result["ppl"]["points"]):
                 continue
             make, setting = reg.factory(name, ppl_prefill + ppl_tokens)
-            p = ppl_after_prefill(model, stream, make, ppl_prefill, ppl_tokens, vpt, name)
+            p = ppl_after_prefill(model, ppl_stream, make, ppl_prefill, ppl_tokens, vpt, name)
             result["methods"][name] = setting
             result["ppl"]["points"].append({"method": name, "setting": setting, **p})
             log(f"{name} [{setting}] ppl after {ppl_prefill} prefill: {p['ppl']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}], "
