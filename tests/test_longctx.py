@@ -194,3 +194,22 @@ def test_paired_ppl_deltas():
     result["ppl"]["points"].append({"method": "short", "token_nll": base[:10]})
     with pytest.raises(LongCtxError, match="scored"):
         longctx_run.add_ppl_deltas(result)
+
+
+def test_bits_are_per_value_held_on_a_hybrid_model(byte_tokenizer, stream):
+    """Gemma 3's sliding layers hold only their window: an uncompressed hybrid cache is 32 bits per
+    value held (not less: its own sliding saving is not a method's), DynamicCache and CompressedCache alike."""
+    from test_model_types import MAKERS
+    from transformers import DynamicCache
+
+    from kvsplice.cache import CompressedCache, model_layout
+
+    model = MAKERS["gemma3_text"]()
+    model.config.max_position_embeddings = 1024
+    spec = TaskSpec(lengths=[400], trials=1, tasks=["passkey"], max_new=4)
+    trials = [make_trial(byte_tokenizer, stream, spec, "passkey", 400, 0)]
+    vpt = 2 * model_layout(model)[0] * model_layout(model)[1] * model_layout(model)[2]
+    base = longctx_run.run_cell(model, byte_tokenizer, trials, lambda: DynamicCache(config=model.config), spec, vpt)
+    assert base["kv_bits_per_value"] == pytest.approx(32.0)
+    ident = longctx_run.run_cell(model, byte_tokenizer, trials, lambda: CompressedCache.from_geometry(model), spec, vpt)
+    assert ident["kv_bits_per_value"] == pytest.approx(32.0)  # no codec: every held row kept as it came

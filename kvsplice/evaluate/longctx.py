@@ -25,7 +25,8 @@ continuation (<= max_new tokens) equals the needle's value exactly.
 
 Statistics: accuracy with a Wilson 95 % interval over answers (multikey answers of one haystack are
 not independent: its interval is optimistic). Bytes: `cache.memory()` (DynamicCache: K + V nbytes)
-after each query, as bits per cached K/V value = 8 * bytes / (tokens * 2 * layers * KV heads * head_dim).
+after each query, as bits per cached K/V value HELD = the dtype's bits * bytes / the bytes an uncompressed
+cache holds for the same rows (= 8 * bytes / (tokens * 2 * layers * KV heads * head_dim) without sliding layers).
 The runner (`run_longctx`) lives in kvsplice/evaluate/longctx_run.py.
 """
 

@@ -108,7 +108,10 @@ def run_cell(model: Any, tokenizer: Any, trials: list, make: Callable[[], Any], 
                 c = cache if j == len(tr.queries) - 1 else copy.deepcopy(cache)
                 out = answer(model, tokenizer, q.ids, c, spec.max_new)
                 m = measure_cache(c)
-                bits.append(8.0 * m.total_bytes / (max(m.tokens * m.batch, 1) * values_per_token))
+                # per value HELD: the dtype's bits x bytes / what an uncompressed cache holds for the same rows
+                # (= 8 x bytes / (tokens x values_per_token) without sliding layers; on Gemma 3 the sliding
+                # layers' own saving is not counted as the method's)
+                bits.append(torch.finfo(model.dtype).bits * m.total_bytes / max(m.uncompressed_bytes, 1))
                 outputs.append({"trial": tr.index, "depth": q.depth, "needle_pos": q.needle_pos, "answer": q.answer,
                                 "output": out, "correct": score(out, q.answer)})
     finally:
@@ -142,7 +145,8 @@ def ppl_after_prefill(model: Any, stream: torch.Tensor, make: Callable[[], Any],
     means = blocks[torch.randint(0, nb, (2000, nb), generator=g)].mean(dim=1)
     lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"ppl": r.ppl, "ci95": [math.exp(lo), math.exp(hi)], "nll": r.nll, "tokens": r.tokens,
-            "kv_bits_per_value": 8.0 * r.kv_bytes_per_token / values_per_token, "seconds": round(r.seconds, 1),
+            "kv_bits_per_value": torch.finfo(next(model.parameters()).dtype).bits * (1.0 - r.kv_reduction_pct / 100.0),
+            "seconds": round(r.seconds, 1),
             "token_nll": [round(float(x), 4) for x in nll]}
 
 
