@@ -202,14 +202,13 @@ def test_bits_are_per_value_held_on_a_hybrid_model(byte_tokenizer, stream):
     from test_model_types import MAKERS
     from transformers import DynamicCache
 
-    from kvsplice.cache import CompressedCache, model_layout
+    from kvsplice.cache import CompressedCache
 
     model = MAKERS["gemma3_text"]()
     model.config.max_position_embeddings = 1024
     spec = TaskSpec(lengths=[400], trials=1, tasks=["passkey"], max_new=4)
     trials = [make_trial(byte_tokenizer, stream, spec, "passkey", 400, 0)]
-    vpt = 2 * model_layout(model)[0] * model_layout(model)[1] * model_layout(model)[2]
-    base = longctx_run.run_cell(model, byte_tokenizer, trials, lambda: DynamicCache(config=model.config), spec, vpt)
+    base = longctx_run.run_cell(model, byte_tokenizer, trials, lambda: DynamicCache(config=model.config), spec)
     assert base["kv_bits_per_value"] == pytest.approx(32.0)
-    ident = longctx_run.run_cell(model, byte_tokenizer, trials, lambda: CompressedCache.from_geometry(model), spec, vpt)
+    ident = longctx_run.run_cell(model, byte_tokenizer, trials, lambda: CompressedCache.from_geometry(model), spec)
     assert ident["kv_bits_per_value"] == pytest.approx(32.0)  # no codec: every held row kept as it came

@@ -90,7 +90,7 @@ def _needs_attention(cache: Any) -> bool:
     return getattr(cache, "pruner", None) is not None
 
 
-def run_cell(model: Any, tokenizer: Any, trials: list, make: Callable[[], Any], spec: TaskSpec, values_per_token: int) -> dict[str, Any]:
+def run_cell(model: Any, tokenizer: Any, trials: list, make: Callable[[], Any], spec: TaskSpec) -> dict[str, Any]:
     """Prefill each trial's context once through a fresh cache, answer its queries (each on a copy of
     the cache when there are several) -> accuracy, Wilson 95 % interval, bits/value, outputs."""
     from kvsplice.attention import prepare_model
@@ -109,7 +109,7 @@ def run_cell(model: Any, tokenizer: Any, trials: list, make: Callable[[], Any], 
                 out = answer(model, tokenizer, q.ids, c, spec.max_new)
                 m = measure_cache(c)
                 # per value HELD: the dtype's bits x bytes / what an uncompressed cache holds for the same rows
-                # (= 8 x bytes / (tokens x values_per_token) without sliding layers; on Gemma 3 the sliding
+                # (= 8 x bytes / (tokens x values per token) without sliding layers; on Gemma 3 the sliding
                 # layers' own saving is not counted as the method's)
                 bits.append(torch.finfo(model.dtype).bits * m.total_bytes / max(m.uncompressed_bytes, 1))
                 outputs.append({"trial": tr.index, "depth": q.depth, "needle_pos": q.needle_pos, "answer": q.answer,
@@ -130,7 +130,7 @@ def run_cell(model: Any, tokenizer: Any, trials: list, make: Callable[[], Any], 
 
 
 def ppl_after_prefill(model: Any, stream: torch.Tensor, make: Callable[[], Any], prefill_tokens: int, scored: int,
-                      values_per_token: int, name: str, seed: int = 0) -> dict[str, Any]:
+                      name: str, seed: int = 0) -> dict[str, Any]:
     """Perplexity of `scored` tokens after a `prefill_tokens` prefill of the stream's start, and a
     95 % block-bootstrap interval (blocks of 16 contiguous tokens, 2000 resamples, seeded)."""
     from kvsplice.evaluate.perplexity import perplexity_prefill_continue
@@ -179,7 +179,7 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
 
 
 def choose_prompt(model: Any, tokenizer: Any, stream: torch.Tensor, spec: TaskSpec, trials: int, lengths: list[int],
-                  values_per_token: int, log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None]) -> dict[str, Any]:
     """Baseline accuracy of each prompt format on DEV trials (seed + 1,000,000: disjoint from the test
     trials) at `lengths`; the format with the most correct answers wins (ties: plain)."""
     from transformers import DynamicCache
@@ -191,7 +191,7 @@ def choose_prompt(model: Any, tokenizer: Any, stream: torch.Tensor, spec: TaskSp
         dev = dataclasses.replace(spec, prompt=fmt, seed=spec.seed + 1_000_000, trials=trials)
         for task in spec.tasks:
             for n in lengths:
-                c = run_cell(model, tokenizer, make_trials(tokenizer, stream, dev, task, n), DynamicCache, dev, values_per_token)
+                c = run_cell(model, tokenizer, make_trials(tokenizer, stream, dev, task, n), DynamicCache, dev)
                 results.setdefault(fmt, {})[f"{task}@{n}"] = [c["correct"], c["answers"]]
                 log(f"dev {fmt} {task}@{n}: {c['correct']}/{c['answers']} ({c['seconds']} s)")
     total = {f: sum(k for k, _ in r.values()) for f, r in results.items()}
@@ -245,7 +245,7 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
             write_result(out, result)
 
     if dev_trials and result["dev"] is None:
-        result["dev"] = choose_prompt(model, tokenizer, stream, spec, dev_trials, dev_lengths or spec.lengths[:1], vpt, log)
+        result["dev"] = choose_prompt(model, tokenizer, stream, spec, dev_trials, dev_lengths or spec.lengths[:1], log)
         spec = dataclasses.replace(spec, prompt=result["dev"]["chosen"])
         result["spec"] = spec.to_dict()
         log(f"prompt format chosen on dev: {spec.prompt}")
@@ -260,7 +260,7 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
                 if (name, task, n) in done or (name != "baseline" and not kept):
                     continue
                 make, setting = reg.factory(name, n)
-                cell = run_cell(model, tokenizer, make_trials(tokenizer, stream, spec, task, n), make, spec, vpt)
+                cell = run_cell(model, tokenizer, make_trials(tokenizer, stream, spec, task, n), make, spec)
                 result["methods"][name] = setting
                 result["cells"].append({"method": name, "setting": setting, "task": task, "length": n, **cell})
                 if name == "baseline" and cell["accuracy"] >= keep:
@@ -278,7 +278,7 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
             if any(p["method"] == name for p in result["ppl"]["points"]):
                 continue
             make, setting = reg.factory(name, ppl_prefill + ppl_tokens)
-            p = ppl_after_prefill(model, ppl_stream, make, ppl_prefill, ppl_tokens, vpt, name)
+            p = ppl_after_prefill(model, ppl_stream, make, ppl_prefill, ppl_tokens, name)
             result["methods"][name] = setting
             result["ppl"]["points"].append({"method": name, "setting": setting, **p})
             log(f"{name} [{setting}] ppl after {ppl_prefill} prefill: {p['ppl']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}], "
