@@ -54,6 +54,7 @@ class Preset:
     max_batches: int | None
     k_rope: str = "pre"  # "post": K coded after RoPE, scored from its codes (the fast decode path)
     seq_len: int = 1024  # calibration window; K after RoPE is valid only up to it (capped at the model's positions)
+    allocate: str | None = None  # "sensitivity": per-(layer, K|V) widths from a probe (kvsplice/allocation.py; minutes)
 
 
 PRESETS = {
@@ -64,6 +65,9 @@ PRESETS = {
     "fast": Preset("pca-q", {"bits": 4}, None, ("k", "v"), True, 1, 2, k_rope="post", seq_len=4096),
     # issue 13's best live recipe at 2 bits: cross-layer prediction + pca-q on the residual (docs/RESULTS.md)
     "low-bit": Preset("xpred-pca-q", {"bits": 2}, None, ("k", "v"), True, 1, 8),
+    # the same with the sensitivity allocation (levers 1 + 2): 8 of 12 paired wins, no loss, at the same
+    # bytes (docs/RESULTS.md section 11); the probe takes 14-23 min on a 2-core CPU
+    "low-bit-alloc": Preset("xpred-pca-q", {"bits": 2}, None, ("k", "v"), True, 1, 8, allocate="sensitivity"),
     # the seed document's Spline->PCA: V only, 64 -> 16 dims, one codec per (layer, head)
     "seed": Preset("spline-pca", {}, 16, ("v",), False, 0, None),
 }
@@ -190,8 +194,8 @@ def calibrate_recipe(
     """Calibrate a recipe for `model` in one call: one pass per target (K, V) over `text` (default:
     the calibration split of pydoc_data.topics), a codec fitted per layer -> Recipe.
 
-    preset: "best", "fast" (K after RoPE: faster decode under `kvsplice.coded_decode`), "low-bit" or
-    "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
+    preset: "best", "fast" (K after RoPE: faster decode under `kvsplice.coded_decode`), "low-bit",
+    "low-bit-alloc" (low-bit + allocate="sensitivity") or "seed" (`PRESETS`); bits: override the preset's bits (codecs with a `bits`
     parameter only); sink: override its sink; max_batches * seq_len: calibration tokens (default
     4 x the preset's window: 1024 tokens, "fast" 4096 (capped at the model's positions), ~20 s for SmolLM2-135M on 2 CPU cores; None: the whole text). allocate="sensitivity":
     `bits` becomes the AVERAGE over layers and K / V, each (layer, K|V) getting its own width from
@@ -202,15 +206,19 @@ def calibrate_recipe(
         seq_len = preset_seq_len(preset, model)
     cfgs = recipe_configs(preset, bits=bits, max_batches=max_batches, seq_len=seq_len, **calibration)
     sink = PRESETS[preset].sink if sink is None else sink
+    allocate = PRESETS[preset].allocate if allocate is None else allocate
     if allocate is not None:
         return calibrate_allocated(model, tokenizer, text, cfgs, sink=sink, allocate=allocate, levels=levels, progress=progress)
     return calibrate_with(model, tokenizer, text, cfgs, sink=sink, progress=progress)
 
 
 def calibrate_allocated(model: Any, tokenizer: Any, text: str | None, cfgs: dict, sink: int, allocate: str = "sensitivity",
-                        levels: list[float] | None = None, progress: bool = False, description: str | None = None) -> Recipe:
+                        levels: list[float] | None = None, progress: bool = False, description: str | None = None,
+                        probe_text: str | None = None) -> Recipe:
     """Like `calibrate_with`, with per-(layer, K|V) bit widths from the sensitivity probe; the
-    codec's `bits` parameter is the average budget (uniform pca-q's payload at that bits)."""
+    codec's `bits` parameter is the average budget (uniform pca-q's payload at that bits). The probe
+    reads the first 512 tokens of `probe_text` (default: of `text`; text None: the default mix, and
+    the probe a finely mixed copy of it so that those tokens see every domain)."""
     from types import SimpleNamespace
 
     from kvsplice.allocation import DEFAULT_LEVELS, check_allocation_params
@@ -225,7 +233,6 @@ def calibrate_allocated(model: Any, tokenizer: Any, text: str | None, cfgs: dict
     check_allocation_params(s, "calibrate")
     if first.layers is not None:
         raise KVSpliceError(f"allocate spreads the budget over every layer; got layers={list(first.layers)}: drop layers")
-    probe_text = None
     if text is None:
         from kvsplice.texts import PROBE_MIX_CHARS, mix_text
 

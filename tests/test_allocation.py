@@ -146,17 +146,32 @@ def test_calibrate_cli_allocate_writes_a_recipe_and_refuses_misuse(tmp_path, cap
     assert meta and (tmp_path / "r" / "k.safetensors").exists()
 
 
-def test_cli_low_bit_preset_with_allocation_is_one_flag_more(tmp_path):
-    """The best live recipe at <= 2 bits, levers 1 + 2: `--preset low-bit --allocate sensitivity`."""
+@pytest.mark.parametrize("flags", [["--preset", "low-bit", "--allocate", "sensitivity"], ["--preset", "low-bit-alloc"]],
+                         ids=["two-flags", "one-preset"])
+def test_cli_low_bit_preset_with_allocation(tmp_path, flags):
+    """The best live recipe at <= 2 bits, levers 1 + 2: `--preset low-bit-alloc` (= low-bit + --allocate)."""
     from kvsplice.geometry import load_geometry
 
     m = tmp_path / "m"
     make_tiny_llama().save_pretrained(m)
     make_byte_tokenizer().save_pretrained(m)
     (tmp_path / "t.txt").write_text(TEXT)
-    rc = main(["calibrate", "--model", str(m), "--data", str(tmp_path / "t.txt"), "--preset", "low-bit", "--allocate", "sensitivity",
+    rc = main(["calibrate", "--model", str(m), "--data", str(tmp_path / "t.txt"), *flags,
                "--param", "bits=3", "--levels", "2", "3", "6", "--max-batches", "3", "--seq-len", "128", "--quiet", "--out", str(tmp_path / "r")])
     assert rc == 0
     v = load_geometry(tmp_path / "r" / "v.safetensors")
     bits = json.loads(v.meta["allocation"])["bits"]
     assert [v.codecs[(l, -1)].name for l in range(2)] == ["xpred-pca-q"] * 2 and [v.codecs[(l, -1)].bits for l in range(2)] == bits
+
+
+def test_calibrate_recipe_low_bit_alloc_preset_allocates(monkeypatch):
+    """One call in Python: calibrate_recipe(preset="low-bit-alloc") routes to the allocated calibration."""
+    import kvsplice
+    from kvsplice import api
+
+    seen = {}
+    monkeypatch.setattr(api, "calibrate_allocated", lambda *a, **k: seen.update(k) or "recipe")
+    model, tok = make_tiny_llama().eval(), make_byte_tokenizer()
+    assert kvsplice.calibrate_recipe(model, tok, TEXT, preset="low-bit-alloc") == "recipe"
+    assert seen["allocate"] == "sensitivity"
+    assert api.PRESETS["low-bit-alloc"].codec == "xpred-pca-q" and api.PRESETS["low-bit"].allocate is None

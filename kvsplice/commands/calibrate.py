@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", choices=["mix", "docs"], default="mix",
                    help="calibration text when no --data: mix (default) = the calibration parts of docs, code and prose "
                         "interleaved (kvsplice/texts.py; prose needs `make texts`); docs = pydoc_data.topics only")
-    p.add_argument("--preset", choices=["best", "fast", "low-bit", "seed"], default="best",
+    p.add_argument("--preset", choices=["best", "fast", "low-bit", "low-bit-alloc", "seed"], default="best",
                    help="best (default): pca-q 4-bit, joint heads, K+V, sink 1; fast: best with K coded after RoPE "
                         "(decode reads K and V from their codes: faster, some quality lost); low-bit: xpred-pca-q 2-bit "
                         "(cross-layer prediction), K+V, sink 1; seed: spline-pca rank 16, per head, V only")
@@ -134,20 +134,23 @@ def run(args: argparse.Namespace) -> int:
             raise KVSpliceError("--dump-vectors needs one --target (v or k)")
     elif args.sink is not None:
         raise KVSpliceError("--sink is stored in a recipe (K+V); a single geometry file has none: pass --sink to eval / generate")
-    if args.allocate or args.levels:
+    allocate = args.allocate or preset.allocate  # --preset low-bit-alloc allocates by itself
+    if allocate or args.levels:
         from kvsplice.allocation import DEFAULT_LEVELS, check_allocation_params
 
         c = next(iter(cfgs.values()))
-        if len(cfgs) != 2 or not args.allocate:
+        if len(cfgs) != 2 or not allocate:
             raise KVSpliceError("--allocate / --levels write a K+V recipe: give --allocate sensitivity with --target kv (the default)")
-        check_allocation_params({"allocate": args.allocate, "levels": args.levels or list(DEFAULT_LEVELS), **c.codec_params},
+        check_allocation_params({"allocate": allocate, "levels": args.levels or list(DEFAULT_LEVELS), **c.codec_params},
                                 "calibrate --allocate")
+    probe_text = None  # the sensitivity probe's text (its first 512 tokens), when not the calibration text's start
     if args.data:
         text, description = data.load_texts(args.data), "files: " + ", ".join(args.data)
     elif args.corpus == "mix":  # the default: it transfers to other text (docs/CROSS_DOMAIN.md)
-        from kvsplice.texts import mix_text
+        from kvsplice.texts import PROBE_MIX_CHARS, mix_text
 
         text, description = mix_text()
+        probe_text = mix_text(chunk_chars=PROBE_MIX_CHARS)[0] if allocate else None
     else:
         text, description = data.calibration_text(), data.describe_default("calibration")
 
@@ -159,11 +162,11 @@ def run(args: argparse.Namespace) -> int:
             c.seq_len = preset_seq_len(args.preset, model)
     if len(cfgs) == 2:
         t0 = time.perf_counter()
-        if args.allocate:
+        if allocate:
             from kvsplice.api import calibrate_allocated
 
-            recipe = calibrate_allocated(model, tokenizer, text, cfgs, sink=sink, allocate=args.allocate, levels=args.levels,
-                                         progress=not args.quiet, description=description)
+            recipe = calibrate_allocated(model, tokenizer, text, cfgs, sink=sink, allocate=allocate, levels=args.levels,
+                                         progress=not args.quiet, description=description, probe_text=probe_text)
         else:
             recipe = calibrate_with(model, tokenizer, text, cfgs, sink=sink, progress=not args.quiet, description=description)
         recipe.save(args.out)
