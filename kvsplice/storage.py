@@ -137,8 +137,7 @@ def pack(cache: Any, path: str | os.PathLike, *, model: Any, recipe: Any, input_
     for g, (rows_n, (columns, widths_all)) in enumerate(sorted(groups.items(), reverse=True)):
         sym = np.ascontiguousarray(np.concatenate(columns, axis=1))  # (N, K): the coefficients of every layer holding N rows
         for name, a in entropy.encode(coder, sym, np.asarray(widths_all, dtype=np.int64)).items():
-            t = torch.from_numpy(np.array(a)) if a.size else torch.empty(0, dtype=torch.from_numpy(np.zeros(1, a.dtype)).dtype)
-            tensors[f"codes.{name}" if g == 0 else f"codes{g}.{name}"] = t.contiguous()  # a writable copy
+            tensors[f"codes.{name}" if g == 0 else f"codes{g}.{name}"] = torch.from_numpy(np.array(a))  # a writable copy
     tokens = cache.tokens
     if tokens is not None:
         if tokens.length != length:
