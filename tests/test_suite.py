@@ -249,3 +249,93 @@ def test_mix_calibration_domain_interleaves_every_part_and_rotates_per_draw(tmp_
     assert [x["rotate_fraction"] for x in r["calibration"]["draws"]] == [0.0, 0.5]
     with pytest.raises(KVSpliceError, match="rotate must be"):
         texts.mix_text(("alpha",), rotate=1.0)
+
+
+def test_full_suite_runs_its_long_context_part_on_the_same_split(tmp_path, tiny_domains, capsys, monkeypatch):
+    """[longctx]: after the frontier points, retrieval + perplexity after a prefill on the longctx domain's
+    part of the suite's split, codecs from the suite's draw 0, in the same JSON (rewritten per cell); the
+    CLI prints its table and writes <png>-longctx.png; a split too short is refused before any point."""
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    from kvsplice.loading import load_model
+
+    model, tok = load_model(str(folder))
+    lc = {"domain": "beta", "tasks": ["multikey"], "lengths": [256], "depths": [0.5], "trials": 2, "keep": 0.0,
+          "methods": ["baseline", "pca-q-2", "int-2", "streamingllm-2"], "ppl_prefill": 128, "ppl_tokens": 32}
+    cfg = _cfg(str(folder), draws=1, methods=_cfg().to_dict()["methods"][:1], longctx=lc)
+    out = tmp_path / "lc.json"
+    cells_seen = []
+
+    def log(msg: str) -> None:
+        if out.exists():
+            cells_seen.append(len((json.loads(out.read_text()).get("longctx") or {}).get("cells", [])))
+
+    r = run_suite(cfg, "test", out, model=model, tokenizer=tok, log=log)
+    d = json.loads(out.read_text())
+    assert d["status"] == "complete" and d["longctx"] == json.loads(json.dumps(r["longctx"]))
+    L = d["longctx"]
+    assert L["filler"]["domain"] == "beta" and L["filler"]["split"] == "test" and L["filler"]["part"]["part"] == "test"
+    assert L["filler"]["part"]["sha256"] == texts.part_info("beta", "test")["sha256"]
+    assert {c["method"] for c in L["cells"]} == {"baseline", "pca-q-2", "int-2", "streamingllm-2"}  # keep 0: every cell runs
+    assert {p["method"] for p in L["ppl"]["points"]} == {"baseline", "pca-q-2", "int-2", "streamingllm-2"}
+    assert L["calibration"]["seed"] == 0 and len(d["calibration"]["draws"]) == 1  # the suite's draw 0, not a second fit
+    assert max(cells_seen) == len(L["cells"]) and 0 in cells_seen  # written while it ran
+    assert all(0.0 <= c["accuracy"] <= 1.0 and c["kv_bits_per_value"] > 0 for c in L["cells"])
+    # the CLI: its table and the second plot
+    cfg_toml = tmp_path / "lc.toml"
+    cfg_toml.write_text(f"""
+name = "ci"
+model = "{folder}"
+domains = ["alpha"]
+calibration_domain = "alpha"
+draws = 1
+tokens = 96
+tf_window = 64
+prefill = 32
+continue_tokens = 16
+chunk = 4
+batch_size = 2
+block = 8
+resamples = 200
+topk = 8
+[calibration]
+samples = 400
+max_batches = 2
+seq_len = 64
+[[methods]]
+name = "uniform-int"
+kind = "peer"
+sweep = {{ bits = [4] }}
+params = {{ peer = "uniform-int" }}
+[longctx]
+domain = "beta"
+tasks = ["multikey"]
+lengths = [256]
+depths = [0.5]
+trials = 1
+keep = 0.0
+methods = ["baseline", "int-2"]
+ppl_prefill = 0
+""", encoding="utf-8")
+    out2 = tmp_path / "cli.json"
+    assert main(["frontier", "--suite-config", str(cfg_toml), "--split", "dev", "--json", str(out2), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "long context (beta dev text)" in text and "multikey@256" in text and "int-2" in text
+    assert (tmp_path / "cli-longctx.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # refusals, before any work: lengths past the model's positions; a part shorter than the haystack
+    with pytest.raises(SuiteError, match="positions"):
+        run_suite(_cfg(str(folder), longctx={**lc, "lengths": [512]}), "test", tmp_path / "y.json", model=model, tokenizer=tok)
+    real = texts.part_text
+    monkeypatch.setattr(texts, "part_text", lambda name, part, rotate=0: real(name, part, rotate)[:100] if name == "beta" else real(name, part, rotate))
+    with pytest.raises(SuiteError, match="'beta' test part has"):
+        run_suite(_cfg(str(folder), longctx={**lc, "ppl_prefill": 0}), "test", tmp_path / "z.json", model=model, tokenizer=tok)
+    assert not (tmp_path / "y.json").exists() and not (tmp_path / "z.json").exists()
+    with pytest.raises(SuiteConfigError, match="longctx.*methods"):
+        _cfg(longctx={**lc, "methods": ["baseline", "nope"]})
+    with pytest.raises(SuiteConfigError, match="longctx.*keep"):
+        _cfg(longctx={**lc, "keep": 2})
+    with pytest.raises(SuiteConfigError, match="longctx"):
+        _cfg(longctx={**lc, "lengths": [50]})
+    with pytest.raises(SuiteConfigError, match="unknown key"):
+        _cfg(longctx={**lc, "tokens": 5})

@@ -69,15 +69,23 @@ def run_suite_command(args: argparse.Namespace) -> int:
     stem = Path("docs") / "results" / f"suite-{cfg.name}-{args.split}"
     out_json = Path(args.json) if args.json else stem.with_suffix(".json")
     out_png = Path(args.plot) if args.plot else out_json.with_suffix(".png")
+    out_lc = out_png.with_name(f"{out_png.stem}-longctx.png") if cfg.longctx is not None else None
     from kvsplice.paths import check_outputs
 
-    check_outputs({"--suite-config": args.suite_config}, {"--json": out_json, "--plot": out_png})  # before any work
+    check_outputs({"--suite-config": args.suite_config}, {"--json": out_json, "--plot": out_png, "the longctx plot": out_lc})  # before any work
     print(f"suite {cfg.name!r}, split {args.split}: JSON -> {out_json} (rewritten after every point), plot -> {out_png}", file=sys.stderr)
     result = run_suite(cfg, args.split, out_json, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_summary(result))
     print(f"\nwall time {result['run']['seconds']:.0f} s; JSON -> {out_json}")
     plot_suite_json(out_png, result)
     print(f"plot -> {out_png}")
+    if out_lc is not None:
+        from kvsplice.commands.longctx import format_table
+        from kvsplice.evaluate.longctx_plot import plot_longctx
+
+        print(f"\nlong context ({cfg.longctx.domain} {args.split} text):\n{format_table(result['longctx'])}")
+        plot_longctx(out_lc, result["longctx"])
+        print(f"plot -> {out_lc}")
     return 0
 
 

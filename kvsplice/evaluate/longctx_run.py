@@ -54,9 +54,14 @@ METHODS: dict[str, dict[str, Any]] = {
 class Methods:
     """Builds `() -> cache` factories by method name; calibrates each codec geometry once."""
 
-    def __init__(self, model: Any, tokenizer: Any, calibration: dict[str, Any] | None, log: Callable[[str], None]) -> None:
+    def __init__(self, model: Any, tokenizer: Any, calibration: dict[str, Any] | None, log: Callable[[str], None],
+                 cal: Any = None) -> None:
+        """cal: a ready `frontier.Calibration` (the evidence suite's draw) instead of one built from `calibration`."""
         from kvsplice.evaluate.frontier import FrontierConfig, Calibration
 
+        if cal is not None:
+            self.model, self.cal, self.calibration = model, cal, cal.cfg.calibration
+            return
         cfg = FrontierConfig(calibration=calibration) if calibration else FrontierConfig()
         self.model, self.cal = model, Calibration(cfg, model, tokenizer, log, progress=False)
         self.calibration = cfg.calibration
@@ -202,9 +207,12 @@ def choose_prompt(model: Any, tokenizer: Any, stream: torch.Tensor, spec: TaskSp
 def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], out: str | Path | None = None,
                 keep: float = 0.8, calibration: dict[str, Any] | None = None, ppl_prefill: int = 4096, ppl_tokens: int = 256,
                 dev_trials: int = 0, dev_lengths: list[int] | None = None, tasks: bool = True, resume: bool = False,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, text: tuple[str, Any] | None = None, cal: Any = None,
+                on_save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the suite (module docstring); rewrite `out` after every cell; return the result dict.
-    methods: names from METHODS ("baseline" is always run first and gates the others)."""
+    methods: names from METHODS ("baseline" is always run first and gates the others).
+    text: (haystack / perplexity text, its description) instead of the default evaluation text;
+    cal: a ready Calibration for the codecs (see Methods); on_save: called with the result after every cell."""
     from kvsplice.cache import model_layout
     from kvsplice.data import describe_default, evaluation_text, tokenize
     from kvsplice.loading import model_id
@@ -213,7 +221,7 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     if unknown:
         raise LongCtxError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and max(spec.lengths + [ppl_prefill + ppl_tokens + 1]) > max_pos:
+    if max_pos and max(spec.lengths + [ppl_prefill + ppl_tokens + 1 if ppl_prefill else 0]) > max_pos:  # no prefill: no window
         raise LongCtxError(f"lengths {spec.lengths} / ppl prefill {ppl_prefill}+{ppl_tokens} exceed the model's "
                            f"{max_pos} positions")
     t_start = time.perf_counter()
@@ -221,14 +229,18 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     vpt = 2 * layers * heads * head_dim
     from kvsplice.data import bos_id
 
-    stream = tokenize(tokenizer, evaluation_text())
+    stream = tokenize(tokenizer, evaluation_text() if text is None else text[0])
+    need = max(spec.lengths + [ppl_prefill + ppl_tokens + 1 if ppl_prefill else 0])  # filler < length: an upper bound
+    if stream.shape[0] < need:
+        raise LongCtxError(f"the haystack text has {stream.shape[0]} tokens; lengths {spec.lengths} / ppl prefill "
+                           f"{ppl_prefill}+{ppl_tokens} need up to {need}")
     bos = bos_id(tokenizer)  # trials put it first themselves; the perplexity window starts with it too
     ppl_stream = stream if bos is None else torch.cat([torch.tensor([bos]), stream])
     methods = ["baseline"] + [m for m in dict.fromkeys(methods) if m != "baseline"]
-    reg = Methods(model, tokenizer, calibration, log)
+    reg = Methods(model, tokenizer, calibration, log, cal=cal)
     result: dict[str, Any] = {"model": model_id(model), "spec": spec.to_dict(), "dev": None, "methods": {}, "cells": [],
                               "kept": [], "keep_threshold": keep, "ppl": None, "calibration": reg.calibration,
-                              "filler": describe_default("evaluation"), "run": {}}
+                              "filler": describe_default("evaluation") if text is None else text[1], "run": {}}
     if resume and out is not None and Path(out).is_file():
         old = json.loads(Path(out).read_text(encoding="utf-8"))
         if dev_trials and old.get("dev"):  # the prompt format the earlier run chose on dev
@@ -243,6 +255,8 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
         add_ppl_deltas(result)
         if out is not None:
             write_result(out, result)
+        if on_save is not None:
+            on_save(result)
 
     if dev_trials and result["dev"] is None:
         result["dev"] = choose_prompt(model, tokenizer, stream, spec, dev_trials, dev_lengths or spec.lengths[:1], log)

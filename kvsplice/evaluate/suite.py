@@ -18,7 +18,8 @@ JSON (atomic rewrite after every point, so a crash loses at most the point in pr
     {"kind": "kvsplice-suite", "suite", "split", "status": "running" | "complete", "model", "commit",
      "config", "domains": {name: {"provenance", "part", "tokens_available", "baseline": {protocol: {...}}}},
      "calibration": {"domain", "provenance", "draws": [{"draw", "seed", "rotate", "tokens"}]},
-     "points": [...], "summary": [...], "comparisons": [...], "run": {"seconds", ...}}
+     "points": [...], "summary": [...], "comparisons": [...], "run": {"seconds", ...},
+     "longctx": {...} (with a [longctx] table: evaluate/longctx_run.py's result, rewritten after every cell)}
 Per-token values go to a sidecar `<json>.tokens.safetensors` (point i: "i.nll" float32, "i.kl"
 float16, "i.top1" uint8), rewritten atomically with the JSON.
 """
@@ -200,6 +201,8 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
         "points": [], "summary": [], "comparisons": [], "run": {"values_per_token": vpt}}
     tokens: dict[str, torch.Tensor] = {}
     cals: dict[int, DrawCalibration] = {}
+    if cfg.longctx is not None:  # refuse now, not after hours of frontier points
+        check_longctx(cfg, split, model, tokenizer)
 
     def calibration(draw: int) -> DrawCalibration:
         if draw not in cals:
@@ -283,11 +286,49 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
                         f"{q['bits_per_value']['payload']:.2f} bits/value ({r.seconds:.0f} s)")
     result["summary"] = summarise(result["points"])
     result["comparisons"] = compare_within_protocol(result["points"], tokens, cfg)
+    if cfg.longctx is not None:
+        def save_longctx(lc: dict[str, Any]) -> None:
+            result["longctx"] = lc
+            result["run"]["seconds"] = round(time.perf_counter() - t_start, 1)
+            _write(json_path, result, tokens)
+
+        run_longctx_part(cfg, split, model, tokenizer, calibration(0), save_longctx, log)
     result["status"] = "complete"
     result["run"].update(seconds=round(time.perf_counter() - t_start, 1),
                          calibration={str(d): c.info for d, c in cals.items()})
     _write(json_path, result, tokens)
     return result
+
+
+def check_longctx(cfg: SuiteConfig, split: str, model: Any, tokenizer: Any) -> None:
+    """SuiteError unless the [longctx] part can run: its lengths within the model's positions, its
+    domain's `split` part long enough for the longest trial and the perplexity window."""
+    from kvsplice.data import tokenize
+    from kvsplice.texts import part_text
+
+    lc = cfg.longctx
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and lc.tokens_needed() > max_pos:
+        raise SuiteError(f"[longctx] lengths {lc.lengths} / ppl {lc.ppl_prefill}+{lc.ppl_tokens} exceed the model's {max_pos} positions")
+    n = tokenize(tokenizer, part_text(lc.domain, split)).shape[0]
+    if n < lc.tokens_needed():
+        raise SuiteError(f"[longctx] domain {lc.domain!r} {split} part has {n} tokens; lengths {lc.lengths} / ppl "
+                         f"{lc.ppl_prefill}+{lc.ppl_tokens} need up to {lc.tokens_needed()}")
+
+
+def run_longctx_part(cfg: SuiteConfig, split: str, model: Any, tokenizer: Any, cal: Calibration,
+                     save: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> dict[str, Any]:
+    """The [longctx] part (suite_config.LongctxConfig): retrieval and perplexity after a long prefill on
+    the longctx domain's `split` part, codecs from `cal` (the suite's draw 0); `save` after every cell."""
+    from kvsplice.evaluate.longctx_run import run_longctx
+    from kvsplice.texts import part_info, part_text, provenance
+
+    lc = cfg.longctx
+    text = part_text(lc.domain, split)
+    info = {"domain": lc.domain, "split": split, "provenance": provenance(lc.domain), "part": part_info(lc.domain, split)}
+    log(f"[longctx] {lc.tasks} at {lc.lengths} tokens, {lc.trials} trials; methods {lc.methods}; text {lc.domain} {split}")
+    return run_longctx(model, tokenizer, lc.task_spec(), lc.methods, keep=lc.keep, ppl_prefill=lc.ppl_prefill,
+                       ppl_tokens=lc.ppl_tokens, log=lambda m: log(f"[longctx] {m}"), text=(text, info), cal=cal, on_save=save)
 
 
 def compare_within_protocol(points: list[dict[str, Any]], tokens: dict[str, torch.Tensor], cfg: SuiteConfig) -> list[dict[str, Any]]:

@@ -25,6 +25,11 @@ A suite measures every method of its grid on every text domain (kvsplice/texts.p
                     GPU's bf16 GEMM does, at float32 speed on a CPU without bf16 units).
 
 Methods are `MethodSpec` tables, as in configs/frontier.toml.
+
+An optional `[longctx]` table (`LongctxConfig`) adds the long-context part after the frontier points:
+passkey / multi-key retrieval and perplexity after a long prefill (evaluate/longctx_run.py), the
+haystack and the perplexity text drawn from `domain`'s part of the SAME split, the codecs calibrated
+by the suite's draw 0; its result is the suite JSON's "longctx" entry.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsplice.config import check, from_table, is_int, read_toml
+from kvsplice.errors import KVSpliceError
 from kvsplice.evaluate.frontier_config import FrontierConfigError, MethodSpec
 
 SUITES = ("quick", "full")
@@ -53,6 +59,56 @@ _check = functools.partial(check, error=SuiteConfigError)
 
 def _pos(v: Any) -> bool:
     return is_int(v) and v >= 1
+
+
+@dataclass
+class LongctxConfig:
+    """The suite's long-context part (module docstring). tasks / lengths / depths / trials / seed /
+    prompt / chunk: evaluate/longctx.py TaskSpec; methods: names of longctx_run.METHODS ("baseline"
+    always runs first and gates the rest: a (task, length) cell runs for the methods only when the
+    baseline's accuracy >= keep); ppl_prefill / ppl_tokens: perplexity of ppl_tokens tokens after a
+    ppl_prefill-token prefill (0: none)."""
+
+    domain: str = "docs"
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "multikey"])
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    trials: int = 5
+    seed: int = 0
+    prompt: str = "plain"
+    chunk: int = 512
+    methods: list[str] = field(default_factory=lambda: ["baseline", "pca-q-4", "pca-q-2", "kivi-4", "kivi-2", "h2o-4", "streamingllm-4"])
+    keep: float = 0.8
+    ppl_prefill: int = 4096
+    ppl_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        from kvsplice.evaluate.longctx_run import METHODS
+        from kvsplice.texts import domain_names
+
+        _check(self.domain in domain_names(), f"[longctx] domain must be one of {domain_names()}, got {self.domain!r}")
+        _check(isinstance(self.methods, list) and bool(self.methods) and set(self.methods) <= set(METHODS)
+               and len(set(self.methods)) == len(self.methods),
+               f"[longctx] methods must be distinct names from {sorted(METHODS)}, got {self.methods!r}")
+        _check(isinstance(self.keep, (int, float)) and not isinstance(self.keep, bool) and 0.0 <= self.keep <= 1.0,
+               f"[longctx] keep must be a number in [0, 1], got {self.keep!r}")
+        _check(is_int(self.ppl_prefill) and self.ppl_prefill >= 0 and _pos(self.ppl_tokens),
+               f"[longctx] ppl_prefill must be an int >= 0 and ppl_tokens a positive int, got {self.ppl_prefill!r}, {self.ppl_tokens!r}")
+        try:
+            self.task_spec()
+        except KVSpliceError as e:
+            raise SuiteConfigError(f"[longctx] {e}") from e
+
+    def task_spec(self) -> Any:
+        """The evaluate/longctx.py TaskSpec of these settings."""
+        from kvsplice.evaluate.longctx import TaskSpec
+
+        return TaskSpec(tasks=self.tasks, lengths=self.lengths, depths=self.depths, trials=self.trials, seed=self.seed,
+                        prompt=self.prompt, chunk=self.chunk)
+
+    def tokens_needed(self) -> int:
+        """Filler tokens the longest trial or the perplexity window can need (an upper bound)."""
+        return max(max(self.lengths), self.ppl_prefill + self.ppl_tokens + 1 if self.ppl_prefill else 0)
 
 
 @dataclass
@@ -79,6 +135,7 @@ class SuiteConfig:
     headline: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=lambda: {"samples": 12000, "max_batches": 4, "seq_len": 1024})
     methods: list[MethodSpec] = field(default_factory=list)
+    longctx: LongctxConfig | None = None
 
     def __post_init__(self) -> None:
         from kvsplice.calibrate import CalibrationConfig
@@ -108,6 +165,8 @@ class SuiteConfig:
         names = [m.name for m in self.methods]
         _check(len(set(names)) == len(names), f"method names must be unique, got {names}")
         _check(isinstance(self.headline, list) and set(self.headline) <= set(names), f"headline must name methods of the grid, got {self.headline!r}")
+        if self.longctx is not None and not isinstance(self.longctx, LongctxConfig):
+            self.longctx = from_table(LongctxConfig, self.longctx, "longctx", SuiteConfigError)
 
     @property
     def tf_windows(self) -> int:
