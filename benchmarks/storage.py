@@ -31,7 +31,7 @@ from kvsplice import data, entropy
 from kvsplice.cache import model_layout
 from kvsplice.loading import load_model
 from kvsplice.paths import atomic_write_bytes
-from kvsplice.storage import code_groups, load_packed, pack, read_header
+from kvsplice.storage import code_groups, load_packed, pack, read_header, values_held
 
 
 def timed(fn, reps):
@@ -82,6 +82,8 @@ def main() -> int:
                                                            attention_mask=mask, coder=coder), reps)
                 stored, t_unpack, ts_unpack = timed(lambda: load_packed(path, model, recipe), reps)
                 h, tensors = read_header(path)
+                if values_held(h) != values:  # the live cache's count and the file's must agree
+                    raise SystemExit(f"values held: live cache {values}, file header {values_held(h)}")
                 code_bytes = sum(t.nbytes for k, t in tensors.items() if k.startswith("codes"))
                 row["coders"][coder] = {
                     "file_bytes": info["file_bytes"], "stored_bits_per_value": bpv(info["file_bytes"]),

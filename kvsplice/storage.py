@@ -197,6 +197,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     return header, tensors
 
 
+def values_held(h: dict) -> int:
+    """K and V values the stored cache holds (header `h`): a sliding layer holds its window only (each
+    (layer, kind) entry records its dropped rows) -> sum over entries of rows x batch x KV heads x head_dim."""
+    return sum(h["length"] - e.get("dropped", 0) for e in h["entries"]) * h["batch"] * h["num_heads"] * h["head_dim"]
+
+
 def _expect(tensors: dict, name: str, shape: list | None, dtype: Any, path: Any) -> torch.Tensor | None:
     t = tensors.get(name)
     if shape is None:

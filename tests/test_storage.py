@@ -190,6 +190,10 @@ def test_sliding_window_layers_round_trip_exactly(tmp_path, codec, batch):
     assert cache.layers[0].dropped > 0 and cache.layers[0].v_rows.head is None and cache.layers[1].v_rows.head is not None
     info = pack(cache, tmp_path / "g.kvs", model=model, recipe=recipe, input_ids=ids, attention_mask=mask)
     assert info["code_groups"] == [batch * 40, batch * 5]  # full layers hold 40 rows per sequence, sliding ones 5
+    from kvsplice.storage import read_header, values_held
+
+    held = sum(layer.length - layer.dropped for layer in cache.layers) * 2 * batch * model.config.num_key_value_heads * 8
+    assert values_held(read_header(tmp_path / "g.kvs")[0]) == held == 2 * (40 + 5) * 2 * batch * model.config.num_key_value_heads * 8
     back = unpack(tmp_path / "g.kvs", model, recipe)
     for a, b in zip(cache.layers, back.layers):
         assert (a.dropped, a.length) == (b.dropped, b.length)

@@ -80,14 +80,13 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_unpack(args: argparse.Namespace) -> int:
-    from kvsplice.storage import read_header
+    from kvsplice.storage import read_header, values_held
 
     h, tensors = read_header(args.file)
     if args.json:
         print(json.dumps(h, indent=2, sort_keys=True))
         return 0
-    # values held: a sliding layer holds its window only (each (layer, kind) entry records its dropped rows)
-    values = sum(h["length"] - e.get("dropped", 0) for e in h["entries"]) * h["batch"] * h["num_heads"] * h["head_dim"]
+    values = values_held(h)
     size = sum(t.nbytes for t in tensors.values())
     codes = sum(t.nbytes for k, t in tensors.items() if k.startswith("codes"))
     prompt = tensors.get("input_ids")
