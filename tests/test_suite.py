@@ -265,13 +265,28 @@ def test_full_suite_runs_its_long_context_part_on_the_same_split(tmp_path, tiny_
           "methods": ["baseline", "pca-q-2", "int-2", "streamingllm-2"], "ppl_prefill": 128, "ppl_tokens": 32}
     cfg = _cfg(str(folder), draws=1, methods=_cfg().to_dict()["methods"][:1], longctx=lc)
     out = tmp_path / "lc.json"
-    cells_seen = []
+    cells_seen, statuses, fits = [], set(), []
+    real_part_text = texts.part_text
+    asked = []
+
+    def spy(name, part, rotate=0):
+        asked.append((name, part))
+        return real_part_text(name, part, rotate)
+
+    monkeypatch.setattr(texts, "part_text", spy)
 
     def log(msg: str) -> None:
+        fits.extend([msg] if msg.startswith("fitted") else [])
         if out.exists():
-            cells_seen.append(len((json.loads(out.read_text()).get("longctx") or {}).get("cells", [])))
+            on_disk = json.loads(out.read_text())
+            cells_seen.append(len((on_disk.get("longctx") or {}).get("cells", [])))
+            statuses.add(on_disk["status"])
 
     r = run_suite(cfg, "test", out, model=model, tokenizer=tok, log=log)
+    monkeypatch.setattr(texts, "part_text", real_part_text)
+    assert statuses == {"running"}  # never "complete" while the long-context part ran
+    assert ("beta", "test") in asked and not any(part == "dev" for _, part in asked)  # the haystack comes from the split
+    assert len(fits) == 4, fits  # pca-q 2 / 4 bits, K and V: the longctx codecs reuse draw 0's geometry
     d = json.loads(out.read_text())
     assert d["status"] == "complete" and d["longctx"] == json.loads(json.dumps(r["longctx"]))
     L = d["longctx"]
@@ -282,6 +297,16 @@ def test_full_suite_runs_its_long_context_part_on_the_same_split(tmp_path, tiny_
     assert L["calibration"]["seed"] == 0 and len(d["calibration"]["draws"]) == 1  # the suite's draw 0, not a second fit
     assert max(cells_seen) == len(L["cells"]) and 0 in cells_seen  # written while it ran
     assert all(0.0 <= c["accuracy"] <= 1.0 and c["kv_bits_per_value"] > 0 for c in L["cells"])
+    grid_geo = {q["setting"]: q["geometry_bytes"] for q in d["points"] if q["method"] == "pca-q"}
+    assert L["geometry_bytes"] == {"pca-q-2": grid_geo["bits=2.0 KV joint sink=1"]} and L["geometry_bytes"]["pca-q-2"] > 0
+    assert L["methods"]["pca-q-2"].startswith("pca-q bits=2.0")
+    # a failure in the long-context part keeps the grid's points and says so in the file
+    bad = tmp_path / "bad.json"
+    with pytest.raises(KVSpliceError, match="v_group"):  # KIVI's V groups of 32 do not divide this model's head_dim 8
+        run_suite(_cfg(str(folder), draws=1, headline=[], methods=_cfg().to_dict()["methods"][1:2], longctx={**lc, "methods": ["kivi-2"]}),
+                  "test", bad, model=model, tokenizer=tok, log=lambda m: None)
+    on_disk = json.loads(bad.read_text())
+    assert on_disk["status"] == "grid complete, longctx failed" and len(on_disk["points"]) == 2 * (2 + 1)
     # the CLI: its table and the second plot
     cfg_toml = tmp_path / "lc.toml"
     cfg_toml.write_text(f"""
@@ -326,6 +351,9 @@ ppl_prefill = 0
     # refusals, before any work: lengths past the model's positions; a part shorter than the haystack
     with pytest.raises(SuiteError, match="positions"):
         run_suite(_cfg(str(folder), longctx={**lc, "lengths": [512]}), "test", tmp_path / "y.json", model=model, tokenizer=tok)
+    with pytest.raises(SuiteError, match="chat template"):  # the tokenizer's refusals come before any point, too
+        run_suite(_cfg(str(folder), longctx={**lc, "prompt": "chat"}), "test", tmp_path / "c.json", model=model, tokenizer=tok)
+    assert not (tmp_path / "c.json").exists()
     real = texts.part_text
     monkeypatch.setattr(texts, "part_text", lambda name, part, rotate=0: real(name, part, rotate)[:100] if name == "beta" else real(name, part, rotate))
     with pytest.raises(SuiteError, match="'beta' test part has"):
@@ -339,3 +367,5 @@ ppl_prefill = 0
         _cfg(longctx={**lc, "lengths": [50]})
     with pytest.raises(SuiteConfigError, match="unknown key"):
         _cfg(longctx={**lc, "tokens": 5})
+    with pytest.raises(SuiteConfigError, match="lengths must be a list"):
+        _cfg(longctx={**lc, "lengths": 256})

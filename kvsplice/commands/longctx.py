@@ -119,7 +119,7 @@ def format_table(result: dict) -> str:
     cols = sorted({(c["task"], c["length"]) for c in cells}, key=lambda t: (t[0], t[1]))
     ppl = {p["method"]: p for p in ((result.get("ppl") or {}).get("points") or [])}
     methods = list(dict.fromkeys([c["method"] for c in cells] + list(ppl)))
-    head = ["method", "bits/val"] + [f"{t}@{n}" for t, n in cols] + ([f"ppl after {result['ppl']['prefill']} (Δ% vs baseline [95% CI])"] if ppl else [])
+    head = ["method", "bits/val (payload)"] + [f"{t}@{n}" for t, n in cols] + ([f"ppl after {result['ppl']['prefill']} (Δ% vs baseline [95% CI])"] if ppl else [])
     rows = [head]
     for m in methods:
         mine = {(c["task"], c["length"]): c for c in cells if c["method"] == m}

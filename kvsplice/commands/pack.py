@@ -45,7 +45,7 @@ def run_pack(args: argparse.Namespace) -> int:
 
     from kvsplice.api import Recipe
     from kvsplice.paths import check_outputs
-    from kvsplice.storage import pack
+    from kvsplice.storage import pack, read_header, values_held
 
     check_outputs({"--prompt-file": args.prompt_file, "--recipe": args.recipe}, {"--out": args.out})
     try:
@@ -71,7 +71,7 @@ def run_pack(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     info = pack(cache, args.out, model=model, recipe=recipe, input_ids=ids, attention_mask=mask, coder=args.coder)
     t2 = time.perf_counter()
-    values = 2 * ids.shape[1] * info["num_layers"] * info["num_heads"] * info["head_dim"]
+    values = values_held(read_header(args.out)[0])  # a sliding layer holds its window only
     live = cache.memory().total_bytes
     print(f"packed {ids.shape[1]} tokens ({recipe.describe()}) to {args.out}: {info['file_bytes']} bytes = "
           f"{info['file_bytes'] * 8 / values:.3f} bits/value (live cache {live * 8 / values:.3f}, 16-bit 16); "

@@ -16,7 +16,8 @@ frontier unless `calibration` overrides it); the peers by registry name with the
 of the model dtype) of the sequence's tokens (H2O: heavy / recent half each; StreamingLLM: 4 sinks).
 
 JSON: {"model", "spec", "dev", "methods": {name: setting}, "cells": [...], "kept": [...],
-"ppl": {...}, "run": {...}} (see `run_longctx`).
+"ppl": {...}, "geometry_bytes": {codec method: bytes}, "run": {...}} (see `run_longctx`). Bits per value
+are the payload (what the cache holds, per value held); the codecs' geometry is in "geometry_bytes".
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Methods:
         """cal: a ready `frontier.Calibration` (the evidence suite's draw) instead of one built from `calibration`."""
         from kvsplice.evaluate.frontier import FrontierConfig, Calibration
 
+        self.geometry_bytes: dict[str, int] = {}  # codec method -> its geometry's bytes (K + V)
         if cal is not None:
             self.model, self.cal, self.calibration = model, cal, cal.cfg.calibration
             return
@@ -81,7 +83,11 @@ class Methods:
         if kind == "baseline":
             return DynamicCache, f"DynamicCache {str(self.model.dtype).removeprefix('torch.')}"
         if kind == "codec":
-            return codec_factory(self.model, m, self.cal), f"bits={m['bits']} K+V joint sink={m['sink']}"
+            from kvsplice.evaluate.suite import geometry_bytes
+
+            make = codec_factory(self.model, m, self.cal)
+            self.geometry_bytes[name] = geometry_bytes(m, self.cal)  # amortised over a deployment, not in bits/value
+            return make, f"{m['codec']} bits={m['bits']} K+V joint sink={m['sink']}" + (" K after RoPE" if m.get("k_rope") == "post" else "")
         if kind == "peer":
             peer = get_peer(m.pop("peer"), **m)
             return peer.cache_factory(self.model), peer.setting()
@@ -252,6 +258,7 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     def save() -> None:
         result["run"] = {"seconds": round(time.perf_counter() - t_start, 1), "values_per_token": vpt,
                          "threads": torch.get_num_threads()}
+        result["geometry_bytes"] = dict(reg.geometry_bytes)  # kv_bits_per_value is the payload: these are not in it
         add_ppl_deltas(result)
         if out is not None:
             write_result(out, result)

@@ -107,7 +107,8 @@ def _calibration_sources(domain: str) -> dict[str, Any]:
             "mix": f"kvsplice.texts.mix_text: the parts interleaved in {MIX_CHUNK_CHARS}-character chunks"}
 
 
-def _geometry_bytes(s: dict[str, Any], cal: Calibration) -> int:
+def geometry_bytes(s: dict[str, Any], cal: Calibration) -> int:
+    """Bytes of the calibrated geometry (K + V, as stored) a codec setting `s` uses: amortised, not per token."""
     total = 0
     for t in ("v", "k"):
         if t in s.get("target", "v"):  # allocate: each layer holds the geometry of its own bit width
@@ -262,7 +263,7 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
                         cal = calibration(draw)
                         make = codec_factory(model, s, cal)
                         exact = not s.get("window") and s.get("protocol") != PC  # PC forced: equal-terms comparisons
-                        geo_bytes = _geometry_bytes(s, cal)
+                        geo_bytes = geometry_bytes(s, cal)
                     elif m.kind == "prune":
                         make, exact = (lambda s=s: CompressedCache(layers, pruner=VOnlyPruner(**s))), False
                     else:
@@ -292,7 +293,12 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
             result["run"]["seconds"] = round(time.perf_counter() - t_start, 1)
             _write(json_path, result, tokens)
 
-        run_longctx_part(cfg, split, model, tokenizer, calibration(0), save_longctx, log)
+        try:
+            run_longctx_part(cfg, split, model, tokenizer, calibration(0), save_longctx, log)
+        except BaseException:  # the grid's points are all on disk: say so in the file, not only in the traceback
+            result["status"] = "grid complete, longctx failed"
+            _write(json_path, result, tokens)
+            raise
     result["status"] = "complete"
     result["run"].update(seconds=round(time.perf_counter() - t_start, 1),
                          calibration={str(d): c.info for d, c in cals.items()})
@@ -310,10 +316,19 @@ def check_longctx(cfg: SuiteConfig, split: str, model: Any, tokenizer: Any) -> N
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and lc.tokens_needed() > max_pos:
         raise SuiteError(f"[longctx] lengths {lc.lengths} / ppl {lc.ppl_prefill}+{lc.ppl_tokens} exceed the model's {max_pos} positions")
-    n = tokenize(tokenizer, part_text(lc.domain, split)).shape[0]
-    if n < lc.tokens_needed():
-        raise SuiteError(f"[longctx] domain {lc.domain!r} {split} part has {n} tokens; lengths {lc.lengths} / ppl "
+    stream = tokenize(tokenizer, part_text(lc.domain, split))
+    if stream.shape[0] < lc.tokens_needed():
+        raise SuiteError(f"[longctx] domain {lc.domain!r} {split} part has {stream.shape[0]} tokens; lengths {lc.lengths} / ppl "
                          f"{lc.ppl_prefill}+{lc.ppl_tokens} need up to {lc.tokens_needed()}")
+    from kvsplice.evaluate.longctx import make_trial
+
+    spec = lc.task_spec()
+    for task in spec.tasks:  # what only the tokenizer can refuse (no chat template, overlapping needles, no filler): now
+        for n in spec.lengths:
+            try:
+                make_trial(tokenizer, stream, spec, task, n, 0)
+            except KVSpliceError as e:
+                raise SuiteError(f"[longctx] {e}") from e
 
 
 def run_longctx_part(cfg: SuiteConfig, split: str, model: Any, tokenizer: Any, cal: Calibration,

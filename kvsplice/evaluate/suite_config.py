@@ -87,6 +87,8 @@ class LongctxConfig:
         from kvsplice.texts import domain_names
 
         _check(self.domain in domain_names(), f"[longctx] domain must be one of {domain_names()}, got {self.domain!r}")
+        for k in ("tasks", "lengths", "depths"):
+            _check(isinstance(getattr(self, k), list), f"[longctx] {k} must be a list, got {getattr(self, k)!r}")
         _check(isinstance(self.methods, list) and bool(self.methods) and set(self.methods) <= set(METHODS)
                and len(set(self.methods)) == len(self.methods),
                f"[longctx] methods must be distinct names from {sorted(METHODS)}, got {self.methods!r}")
