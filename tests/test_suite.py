@@ -21,6 +21,35 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cache keeps keys and values of every token so that later queries can read them again".split()
 
 
+def _cli_toml(folder, domains: list[str]) -> str:
+    """A tiny suite config for the CLI tests: one int4 peer on the byte-level tiny model."""
+    return f"""
+name = "ci"
+model = "{folder}"
+domains = {json.dumps(domains)}
+calibration_domain = "alpha"
+draws = 1
+tokens = 96
+tf_window = 64
+prefill = 32
+continue_tokens = 16
+chunk = 4
+batch_size = 2
+block = 8
+resamples = 200
+topk = 8
+[calibration]
+samples = 400
+max_batches = 2
+seq_len = 64
+[[methods]]
+name = "uniform-int"
+kind = "peer"
+sweep = {{ bits = [4] }}
+params = {{ peer = "uniform-int" }}
+"""
+
+
 def _fake_domain(name: str, seed: int) -> texts.Domain:
     rng = random.Random(seed)
 
@@ -119,31 +148,7 @@ def test_suite_cli_and_refusals(tmp_path, tiny_domains, capsys):
     make_tiny_llama().save_pretrained(folder)
     make_byte_tokenizer().save_pretrained(folder)
     cfg_path = tmp_path / "suite.toml"
-    cfg_path.write_text(f"""
-name = "ci"
-model = "{folder}"
-domains = ["alpha", "beta"]
-calibration_domain = "alpha"
-draws = 1
-tokens = 96
-tf_window = 64
-prefill = 32
-continue_tokens = 16
-chunk = 4
-batch_size = 2
-block = 8
-resamples = 200
-topk = 8
-[calibration]
-samples = 400
-max_batches = 2
-seq_len = 64
-[[methods]]
-name = "uniform-int"
-kind = "peer"
-sweep = {{ bits = [4] }}
-params = {{ peer = "uniform-int" }}
-""", encoding="utf-8")
+    cfg_path.write_text(_cli_toml(folder, ["alpha", "beta"]), encoding="utf-8")
     out = tmp_path / "cli.json"
     assert main(["frontier", "--suite-config", str(cfg_path), "--split", "dev", "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["split"] == "dev" and out.with_suffix(".png").is_file()
@@ -309,31 +314,7 @@ def test_full_suite_runs_its_long_context_part_on_the_same_split(tmp_path, tiny_
     assert on_disk["status"] == "grid complete, longctx failed" and len(on_disk["points"]) == 2 * (2 + 1)
     # the CLI: its table and the second plot
     cfg_toml = tmp_path / "lc.toml"
-    cfg_toml.write_text(f"""
-name = "ci"
-model = "{folder}"
-domains = ["alpha"]
-calibration_domain = "alpha"
-draws = 1
-tokens = 96
-tf_window = 64
-prefill = 32
-continue_tokens = 16
-chunk = 4
-batch_size = 2
-block = 8
-resamples = 200
-topk = 8
-[calibration]
-samples = 400
-max_batches = 2
-seq_len = 64
-[[methods]]
-name = "uniform-int"
-kind = "peer"
-sweep = {{ bits = [4] }}
-params = {{ peer = "uniform-int" }}
-[longctx]
+    cfg_toml.write_text(_cli_toml(folder, ["alpha"]) + f"""[longctx]
 domain = "beta"
 tasks = ["multikey"]
 lengths = [256]
