@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_byte_tokenizer, make_tiny_llama
 
 from kvsplice import texts
@@ -104,6 +105,10 @@ def test_suite_on_tiny_model(tmp_path, tiny_domains):
     d = json.loads(out_json.read_text())
     assert d["status"] == "complete" and d["split"] == "test" and d["kind"] == "kvsplice-suite"
     assert "commit" in d and d["config"]["draws"] == 2
+    # what decides a run's bits besides the code (a rerun on another CPU differs in the last bits)
+    plat = d["run"]["platform"]
+    assert plat["torch"] == torch.__version__ and plat["threads"] == torch.get_num_threads() and isinstance(plat["blas_mkl"], bool)
+    assert Path("/proc/cpuinfo").is_file() <= (plat["cpu"] is not None)
     # incremental: the file grew one point at a time while the run was "running"
     counts = [n for n, s in seen if s == "running"]
     assert counts == sorted(counts) and len(set(counts)) >= 10

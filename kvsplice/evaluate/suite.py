@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -71,6 +72,22 @@ def git_commit(root: Path | None = None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": head or None, "dirty": bool(dirty)}
+
+
+def platform_info() -> dict[str, Any]:
+    """What decides the floating-point bits of a run besides the code: the CPU (MKL picks its kernels by
+    instruction set, and a calibrated codec's discrete choices amplify last-bit differences), torch, the
+    BLAS, the thread count and MKL_CBWR. Two runs of one commit compare bit for bit only where these match."""
+    cpu, isa = None, None
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), None)
+        flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+        isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), None)
+    except OSError:  # not Linux: the fields stay None rather than guessed
+        pass
+    return {"cpu": cpu, "isa": isa, "torch": torch.__version__, "blas_mkl": bool(torch.backends.mkl.is_available()),
+            "threads": torch.get_num_threads(), "mkl_cbwr": os.environ.get("MKL_CBWR")}
 
 
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
@@ -199,7 +216,7 @@ def _run_suite(cfg: SuiteConfig, split: str, json_path: str | Path, model: Any, 
         "protocols": {TF: {"window": cfg.tf_window, "windows": cfg.tf_windows},
                       PC: {"prefill": cfg.prefill, "continue_tokens": cfg.continue_tokens, "chunk": cfg.chunk,
                            "segments": cfg.segments, "batch_size": cfg.batch_size}},
-        "points": [], "summary": [], "comparisons": [], "run": {"values_per_token": vpt}}
+        "points": [], "summary": [], "comparisons": [], "run": {"values_per_token": vpt, "platform": platform_info()}}
     tokens: dict[str, torch.Tensor] = {}
     cals: dict[int, DrawCalibration] = {}
     if cfg.longctx is not None:  # refuse now, not after hours of frontier points
