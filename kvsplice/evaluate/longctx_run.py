@@ -210,6 +210,12 @@ def choose_prompt(model: Any, tokenizer: Any, stream: torch.Tensor, spec: TaskSp
     return {"seed": spec.seed + 1_000_000, "trials": trials, "lengths": lengths, "results": results, "chosen": chosen}
 
 
+def tokens_needed(lengths: list[int], ppl_prefill: int, ppl_tokens: int) -> int:
+    """Positions (and filler tokens: an upper bound) the longest trial or the perplexity window needs;
+    no prefill: no window."""
+    return max(list(lengths) + [ppl_prefill + ppl_tokens + 1 if ppl_prefill else 0])
+
+
 def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], out: str | Path | None = None,
                 keep: float = 0.8, calibration: dict[str, Any] | None = None, ppl_prefill: int = 4096, ppl_tokens: int = 256,
                 dev_trials: int = 0, dev_lengths: list[int] | None = None, tasks: bool = True, resume: bool = False,
@@ -226,8 +232,9 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise LongCtxError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)}")
+    need = tokens_needed(spec.lengths, ppl_prefill, ppl_tokens)
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and max(spec.lengths + [ppl_prefill + ppl_tokens + 1 if ppl_prefill else 0]) > max_pos:  # no prefill: no window
+    if max_pos and need > max_pos:
         raise LongCtxError(f"lengths {spec.lengths} / ppl prefill {ppl_prefill}+{ppl_tokens} exceed the model's "
                            f"{max_pos} positions")
     t_start = time.perf_counter()
@@ -236,7 +243,6 @@ def run_longctx(model: Any, tokenizer: Any, spec: TaskSpec, methods: list[str], 
     from kvsplice.data import bos_id
 
     stream = tokenize(tokenizer, evaluation_text() if text is None else text[0])
-    need = max(spec.lengths + [ppl_prefill + ppl_tokens + 1 if ppl_prefill else 0])  # filler < length: an upper bound
     if stream.shape[0] < need:
         raise LongCtxError(f"the haystack text has {stream.shape[0]} tokens; lengths {spec.lengths} / ppl prefill "
                            f"{ppl_prefill}+{ppl_tokens} need up to {need}")

@@ -110,7 +110,9 @@ class LongctxConfig:
 
     def tokens_needed(self) -> int:
         """Filler tokens the longest trial or the perplexity window can need (an upper bound)."""
-        return max(max(self.lengths), self.ppl_prefill + self.ppl_tokens + 1 if self.ppl_prefill else 0)
+        from kvsplice.evaluate.longctx_run import tokens_needed
+
+        return tokens_needed(self.lengths, self.ppl_prefill, self.ppl_tokens)
 
 
 @dataclass
